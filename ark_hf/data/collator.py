@@ -1,0 +1,90 @@
+"""Batch collation: tokenize queries and passages (separate max lengths) and carry what the losses need."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+__all__ = ["RetrievalCollator", "text_hash", "tokenize_with_eos"]
+
+
+def text_hash(text: str) -> int:
+    """A stable signed 63-bit content hash: equal texts (anywhere in a batch, on any rank) get equal ids."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def tokenize_with_eos(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    max_length: int,
+    eos_token_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> BatchEncoding:
+    """Tokenize without special tokens, truncate to `max_length - 1`, then append EOS (so it survives truncation).
+
+    Last-token pooling (Qwen3-Embedding) reads the hidden state at this EOS.
+    """
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)
+    features = [{"input_ids": ids + [eos_token_id]} for ids in encoded["input_ids"]]
+    return tokenizer.pad(features, padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+
+@dataclass
+class RetrievalCollator:
+    """Turns a list of `TrainGroupDataset` items into model inputs.
+
+    Output keys: `query` and `passages` (each `input_ids` / `attention_mask`; passages are the B groups
+    flattened, positive first in each group), `passage_hashes` ([B*G] content hashes, for false-negative
+    masking), `record_ids` (for error messages), and `teacher_scores` ([B, G]) when the items carry them.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        query_max_len, passage_max_len: truncation lengths in tokens (special tokens included).
+        pad_to_multiple_of: pad lengths to a multiple (8 helps tensor cores).
+        append_eos_token_id: decoder embedders: tokenize without special tokens and append this EOS id.
+        keep_texts: also return `query_texts` and `passage_texts` (an online teacher scores the raw texts).
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    query_max_len: int = 32
+    passage_max_len: int = 128
+    pad_to_multiple_of: int | None = None
+    append_eos_token_id: int | None = None
+    keep_texts: bool = False
+
+    def _tokenize(self, texts: list[str], max_length: int) -> BatchEncoding:
+        if self.append_eos_token_id is not None:
+            return tokenize_with_eos(
+                self.tokenizer, texts, max_length, self.append_eos_token_id, self.pad_to_multiple_of
+            )
+        return self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            return_tensors="pt",
+        )
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        group_sizes = {len(item["passages"]) for item in items}
+        if len(group_sizes) != 1:
+            raise ValueError(f"all groups of a batch must have the same size, got sizes {sorted(group_sizes)}")
+        queries = [item["query"] for item in items]
+        passages = [p for item in items for p in item["passages"]]
+        batch: dict[str, Any] = {
+            "query": dict(self._tokenize(queries, self.query_max_len)),
+            "passages": dict(self._tokenize(passages, self.passage_max_len)),
+            "passage_hashes": torch.tensor([text_hash(p) for p in passages], dtype=torch.long),
+            "record_ids": [item.get("id") for item in items],
+        }
+        if self.keep_texts:
+            batch["query_texts"] = queries
+            batch["passage_texts"] = passages
+        if all("teacher_scores" in item for item in items):
+            batch["teacher_scores"] = torch.tensor([item["teacher_scores"] for item in items], dtype=torch.float32)
+        return batch

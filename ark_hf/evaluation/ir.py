@@ -1,0 +1,207 @@
+"""Retrieval evaluation during training: encode a corpus with the model being trained, retrieve, score.
+
+Metrics come from ir-measures (pytrec_eval underneath): nDCG@10, MRR@10 (RR@10), Recall@10, Recall@100
+and MAP. Keys are `{mode}_{metric}` (e.g. `dense_ndcg@10`); the Trainer prefixes them with `eval_`, so
+`metric_for_best_model="dense_ndcg@10"` and `load_best_model_at_end` work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ir_measures
+import numpy as np
+import torch
+from scipy import sparse as sp
+from transformers.utils import logging
+
+from ark_hf.data.dataset import format_instruction
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["IREvaluator", "METRICS", "compute_metrics", "load_ir_data"]
+
+# our key -> ir-measures measure
+METRICS: dict[str, Any] = {
+    "ndcg@10": ir_measures.nDCG @ 10,
+    "mrr@10": ir_measures.RR @ 10,
+    "recall@10": ir_measures.R @ 10,
+    "recall@100": ir_measures.R @ 100,
+    "map": ir_measures.AP,
+}
+MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
+
+
+def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Aggregate METRICS of a run (`qid -> {doc_id: score}`) against qrels (`qid -> {doc_id: relevance}`)."""
+    aggregated = ir_measures.calc_aggregate(list(METRICS.values()), qrels, run)
+    return {key: float(aggregated[measure]) for key, measure in METRICS.items()}
+
+
+def load_ir_data(path: str | Path) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """Read an evaluation set from one JSON file `{"queries": {...}, "corpus": {...}, "qrels": {...}}`."""
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    for key in ("queries", "corpus", "qrels"):
+        if key not in data or not isinstance(data[key], dict):
+            raise ValueError(f"{path}: field '{key}': expected an object")
+    qrels = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in data["qrels"].items()}
+    return {str(k): v for k, v in data["queries"].items()}, {str(k): v for k, v in data["corpus"].items()}, qrels
+
+
+class IREvaluator:
+    """Encode queries and corpus, rank the corpus for each query, report metrics per scoring mode.
+
+    Args:
+        queries: `qid -> text`.
+        corpus: `doc_id -> text`.
+        qrels: `qid -> {doc_id: relevance}` (relevance > 0 is relevant).
+        modes: scoring modes among `dense`, `sparse`, `colbert`, `dense+sparse`, `all`; the sparse and
+            ColBERT modes need a model with those heads (BGE-M3).
+        weights: (dense, sparse, colbert) weights of the combined modes (BGE-M3: 1, 0.3, 1).
+        query_instruction, query_instruction_format: instruction for queries (Qwen3: `"Instruct: {}\\nQuery:{}"`).
+        query_max_len, passage_max_len, batch_size: encoding settings.
+        top_k: documents kept per query in the run (must cover Recall@100).
+        name: prefix for the metric keys (`{name}_{mode}_{metric}`), to evaluate several sets.
+    """
+
+    def __init__(
+        self,
+        queries: Mapping[str, str],
+        corpus: Mapping[str, str],
+        qrels: Mapping[str, Mapping[str, int]],
+        *,
+        modes: Sequence[str] = ("dense",),
+        weights: tuple[float, float, float] = (1.0, 0.3, 1.0),
+        query_instruction: str | None = None,
+        query_instruction_format: str = "{}{}",
+        query_max_len: int = 64,
+        passage_max_len: int = 256,
+        batch_size: int = 64,
+        top_k: int = 100,
+        name: str = "",
+    ) -> None:
+        unknown = [m for m in modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"unknown evaluation modes {unknown}; choose from {MODES}")
+        self.query_ids = [q for q in queries if q in qrels]
+        if not self.query_ids:
+            raise ValueError("no query of the evaluation set has qrels")
+        self.queries = [format_instruction(queries[q], query_instruction, query_instruction_format) for q in self.query_ids]
+        self.doc_ids = list(corpus)
+        self.corpus = [corpus[d] for d in self.doc_ids]
+        self.qrels = {q: dict(qrels[q]) for q in self.query_ids}
+        self.modes = tuple(modes)
+        self.weights = weights
+        self.query_max_len = query_max_len
+        self.passage_max_len = passage_max_len
+        self.batch_size = batch_size
+        self.top_k = top_k
+        self.name = name
+
+    @torch.no_grad()
+    def _encode(self, model: Any, texts: list[str], max_length: int, need_heads: bool) -> dict[str, Any]:
+        device = next(model.parameters()).device
+        dense, lexical, colbert = [], [], []
+        for start in range(0, len(texts), self.batch_size):
+            features = model.tokenize(texts[start : start + self.batch_size], max_length)
+            features = {k: v.to(device) for k, v in features.items()}
+            out = model.encode_features(features)
+            dense.append(out.dense.float().cpu())
+            if need_heads:
+                if out.sparse_weights is None or out.colbert is None:
+                    raise ValueError("sparse/colbert evaluation modes need a model whose heads are trained (unified)")
+                for ids, weights in zip(out.input_ids.cpu().numpy(), out.sparse_weights.float().cpu().numpy()):
+                    entry: dict[int, float] = {}
+                    for token_id, weight in zip(ids.tolist(), weights.tolist()):
+                        if weight > entry.get(token_id, 0.0):
+                            entry[token_id] = weight
+                    lexical.append(entry)
+                lengths = out.colbert_mask.sum(1).cpu().tolist()
+                for vecs, n in zip(out.colbert.float().cpu(), lengths):
+                    colbert.append(vecs[: int(n)].clone())
+        return {"dense": torch.cat(dense), "lexical": lexical, "colbert": colbert}
+
+    @staticmethod
+    def _lexical_matrix(entries: list[dict[int, float]]) -> sp.csr_matrix:
+        rows, cols, vals = [], [], []
+        for row, entry in enumerate(entries):
+            rows.extend([row] * len(entry))
+            cols.extend(entry.keys())
+            vals.extend(entry.values())
+        width = (max(cols) + 1) if cols else 1
+        return sp.csr_matrix((vals, (rows, cols)), shape=(len(entries), width), dtype=np.float32)
+
+    @staticmethod
+    def _colbert_scores(queries: list[torch.Tensor], docs: list[torch.Tensor]) -> torch.Tensor:
+        """Mean over query tokens of the max similarity over the document's real tokens."""
+        dim = queries[0].shape[-1]
+        max_len = max(d.shape[0] for d in docs)
+        padded = torch.zeros(len(docs), max_len, dim)
+        mask = torch.zeros(len(docs), max_len, dtype=torch.bool)
+        for i, d in enumerate(docs):
+            padded[i, : d.shape[0]] = d
+            mask[i, : d.shape[0]] = True
+        scores = torch.empty(len(queries), len(docs))
+        for qi, q in enumerate(queries):
+            sims = torch.einsum("id,njd->nij", q, padded).masked_fill(~mask[:, None, :], float("-inf"))
+            scores[qi] = sims.max(-1).values.mean(-1)
+        return scores
+
+    def score_matrices(self, model: Any) -> dict[str, torch.Tensor]:
+        """`[num_queries, num_docs]` scores for each mode."""
+        need_heads = any(m != "dense" for m in self.modes)
+        q = self._encode(model, self.queries, self.query_max_len, need_heads)
+        d = self._encode(model, self.corpus, self.passage_max_len, need_heads)
+        scores = {"dense": q["dense"] @ d["dense"].T}
+        if need_heads:
+            q_lex, d_lex = self._lexical_matrix(q["lexical"]), self._lexical_matrix(d["lexical"])
+            width = max(q_lex.shape[1], d_lex.shape[1])
+            q_lex.resize((q_lex.shape[0], width))
+            d_lex.resize((d_lex.shape[0], width))
+            scores["sparse"] = torch.from_numpy((q_lex @ d_lex.T).toarray().astype(np.float32))
+            scores["colbert"] = self._colbert_scores(q["colbert"], d["colbert"])
+            w_dense, w_sparse, w_colbert = self.weights
+            scores["dense+sparse"] = w_dense * scores["dense"] + w_sparse * scores["sparse"]
+            scores["all"] = scores["dense+sparse"] + w_colbert * scores["colbert"]
+        return {mode: scores[mode] for mode in self.modes}
+
+    def _run(self, scores: torch.Tensor) -> dict[str, dict[str, float]]:
+        k = min(self.top_k, scores.shape[1])
+        values, indices = scores.topk(k, dim=1)
+        return {
+            qid: {self.doc_ids[j]: float(v) for v, j in zip(vals.tolist(), idx.tolist())}
+            for qid, vals, idx in zip(self.query_ids, values, indices)
+        }
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        """Evaluate `model` (must offer `tokenize(texts, max_length)` and `encode_features(features)`)."""
+        was_training = model.training
+        model.eval()
+        try:
+            matrices = self.score_matrices(model)
+        finally:
+            model.train(was_training)
+        prefix = f"{self.name}_" if self.name else ""
+        metrics: dict[str, float] = {}
+        for mode, scores in matrices.items():
+            for key, value in compute_metrics(self.qrels, self._run(scores)).items():
+                metrics[f"{prefix}{mode}_{key}"] = value
+        return metrics
+
+
+def ir_data_from_pairs(pairs: Iterable[tuple[str, str, str]]) -> tuple[dict, dict, dict]:
+    """(query_id, query, relevant passage) triples -> queries, corpus, qrels (passages deduplicated)."""
+    queries: dict[str, str] = {}
+    corpus: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    doc_by_text: dict[str, str] = {}
+    for qid, query, passage in pairs:
+        doc_id = doc_by_text.setdefault(passage, f"d{len(doc_by_text)}")
+        corpus[doc_id] = passage
+        queries[qid] = query
+        qrels.setdefault(qid, {})[doc_id] = 1
+    return queries, corpus, qrels

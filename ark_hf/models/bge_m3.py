@@ -1,0 +1,419 @@
+"""BGE-M3: one encoder, three retrieval heads (dense, sparse/lexical, ColBERT multi-vector).
+
+The model turns tokens into per-text outputs (`EmbeddingOutput`); it knows nothing about negatives or
+losses (`ark_hf.losses.m3` turns outputs into scores and losses). Saving always writes what
+FlagEmbedding's `BGEM3FlagModel` and `SentenceTransformer` need, and loading never silently replaces a
+missing head with a random one.
+
+Reference: Chen et al., "BGE M3-Embedding: Multi-Lingual, Multi-Functionality, Multi-Granularity Text
+Embeddings Through Self-Knowledge Distillation", arXiv 2402.03216.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import cached_file, logging
+
+from ark_hf.models.outputs import EmbeddingOutput, RetrieverOutput
+
+logger = logging.get_logger(__name__)
+
+COLBERT_FILE = "colbert_linear.pt"
+SPARSE_FILE = "sparse_linear.pt"
+HEADS_INFO_FILE = "m3_heads.json"
+POOLINGS = ("cls", "mean", "last_token")
+
+
+class MissingHeadsError(FileNotFoundError):
+    """A folder or Hub model lacks the sparse/ColBERT head files that the caller asked for."""
+
+
+def _find_file(path: str, filename: str, **hub_kwargs: Any) -> str | None:
+    """Local file or Hub file of `path`, or None when absent (never a silent download failure)."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, filename)
+        return candidate if os.path.isfile(candidate) else None
+    return cached_file(
+        path,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+
+
+class BGEM3Model(nn.Module):
+    """An encoder backbone with BGE-M3's dense, sparse and ColBERT heads.
+
+    With `H` the last hidden states `[N, L, d]` and `M` the attention mask:
+
+    - dense: `normalize(H[:, 0])` (CLS; `mean` and `last_token` pooling optional);
+    - sparse: `w_t = relu(sparse_linear(H_t))` per token, special tokens and padding set to 0; the
+      lexical score of two texts sums `w_q(t) * w_p(t)` over shared token ids (max over repeats);
+    - ColBERT: `normalize(colbert_linear(H[:, 1:]) * M[:, 1:])` (CLS skipped, final `</s>` kept).
+
+    Args:
+        model_name: Hub name or local folder of the backbone (any `AutoModel` encoder) or of a saved
+            BGE-M3 model (backbone + `colbert_linear.pt` + `sparse_linear.pt`). `model_name_or_path` is
+            an alias.
+        unified_finetuning: Train all three heads. When False only the dense head is trained; heads
+            found on disk are still loaded and saved back unchanged.
+        colbert_dim: Output size of a freshly initialised ColBERT head (`-1`: the hidden size).
+        pooling: Dense pooling, one of `cls` (BGE-M3), `mean`, `last_token`.
+        normalize: L2-normalise dense and ColBERT vectors.
+        init_missing_heads: What to do when the head files are missing and the heads are needed. False
+            (default) raises `MissingHeadsError`; True starts them from random initialisation, the usual
+            choice when the backbone is a plain encoder (e.g. `xlm-roberta-large` or MiniLM).
+        torch_dtype, attn_implementation, trust_remote_code: passed to `AutoModel.from_pretrained`.
+        backbone, tokenizer: already loaded objects to use instead of loading `model_name`.
+    """
+
+    # the Trainer must not pass `num_items_in_batch`: the contrastive losses are means over queries
+    accepts_loss_kwargs = False
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        *,
+        model_name_or_path: str | None = None,
+        unified_finetuning: bool = True,
+        colbert_dim: int = -1,
+        pooling: str = "cls",
+        normalize: bool = True,
+        init_missing_heads: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        backbone: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        name = model_name if model_name is not None else model_name_or_path
+        if name is None and backbone is None:
+            raise ValueError("BGEM3Model needs `model_name` (a Hub name or a local folder) or a `backbone`")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.name_or_path = name if name is not None else backbone.config.name_or_path
+        self.unified_finetuning = unified_finetuning
+        self.pooling = pooling
+        self.normalize = normalize
+
+        if backbone is None:
+            load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+            if torch_dtype is not None:
+                load_kwargs["dtype"] = torch_dtype
+            if attn_implementation is not None:
+                load_kwargs["attn_implementation"] = attn_implementation
+            backbone = AutoModel.from_pretrained(name, **load_kwargs)
+        if getattr(backbone.config, "is_decoder", False) and not getattr(backbone.config, "is_encoder_decoder", False):
+            logger.warning("%s is configured as a decoder; BGE-M3 expects a bidirectional encoder", self.name_or_path)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name or backbone.config.name_or_path, trust_remote_code=trust_remote_code)
+        self.model = backbone
+        self.tokenizer = tokenizer
+        self.config = backbone.config
+        hidden = backbone.config.hidden_size
+
+        self.colbert_linear: nn.Linear | None = None
+        self.sparse_linear: nn.Linear | None = None
+        self.heads_trained = False
+        colbert_file = _find_file(self.name_or_path, COLBERT_FILE) if name is not None else None
+        sparse_file = _find_file(self.name_or_path, SPARSE_FILE) if name is not None else None
+        if colbert_file and sparse_file:
+            colbert_state = torch.load(colbert_file, map_location="cpu", weights_only=True)
+            sparse_state = torch.load(sparse_file, map_location="cpu", weights_only=True)
+            self.colbert_linear = nn.Linear(hidden, colbert_state["weight"].shape[0])
+            self.sparse_linear = nn.Linear(hidden, 1)
+            self.colbert_linear.load_state_dict(colbert_state)
+            self.sparse_linear.load_state_dict(sparse_state)
+            self.heads_trained = self._read_heads_info(name)
+        elif unified_finetuning or init_missing_heads:
+            missing = [f for f, found in ((COLBERT_FILE, colbert_file), (SPARSE_FILE, sparse_file)) if not found]
+            if not init_missing_heads:
+                raise MissingHeadsError(
+                    f"{self.name_or_path}: missing {', '.join(missing)}; the sparse and ColBERT heads cannot be "
+                    "loaded. Pass init_missing_heads=True (config field `init_missing_heads`) to start them from "
+                    "random initialisation (usual when the backbone is a plain encoder), or point model_name at a "
+                    "folder that has both files."
+                )
+            logger.warning(
+                "%s: no %s; initialising the sparse and ColBERT heads randomly (init_missing_heads=True)",
+                self.name_or_path,
+                " or ".join(missing),
+            )
+            self.colbert_linear = nn.Linear(hidden, hidden if colbert_dim <= 0 else colbert_dim)
+            self.sparse_linear = nn.Linear(hidden, 1)
+        if self.colbert_linear is not None and backbone.dtype != torch.float32:
+            self.colbert_linear.to(backbone.dtype)
+            self.sparse_linear.to(backbone.dtype)
+
+        special_ids = sorted({i for i in tokenizer.all_special_ids if i is not None})
+        self.register_buffer("special_token_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
+
+    @staticmethod
+    def _read_heads_info(path: str) -> bool:
+        info_file = _find_file(path, HEADS_INFO_FILE)
+        if info_file is None:
+            return True  # released BGE-M3 checkpoints ship trained heads without our info file
+        with open(info_file, encoding="utf-8") as handle:
+            trained = bool(json.load(handle).get("heads_trained", True))
+        if not trained:
+            logger.warning("%s: the sparse and ColBERT heads in this folder were never trained", path)
+        return trained
+
+    @property
+    def has_heads(self) -> bool:
+        return self.colbert_linear is not None and self.sparse_linear is not None
+
+    # ----------------------------------------------------------------------------------------------- training
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Non-reentrant by default: several forward passes per step then work under DDP."""
+        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        self.model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing_disable()
+
+    def enable_input_require_grads(self) -> None:
+        self.model.enable_input_require_grads()
+
+    def freeze_encoder(self) -> None:
+        """`fix_encoder`: only the sparse and ColBERT heads stay trainable."""
+        if not self.has_heads:
+            raise ValueError("fix_encoder trains only the sparse and ColBERT heads, but this model has none")
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        """Tokenize texts as training does (special tokens added, truncated to `max_length`)."""
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+    def encode_features(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
+        """Run the backbone on tokenized texts and apply the heads."""
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in features:
+            inputs["token_type_ids"] = features["token_type_ids"]
+        hidden = self.model(**inputs, return_dict=True).last_hidden_state
+        dense = self._pool(hidden, attention_mask)
+        if self.normalize:
+            dense = F.normalize(dense, dim=-1)
+        # dense-only training skips the heads; evaluation and inference use them whenever they exist
+        if not self.has_heads or (self.training and not self.unified_finetuning):
+            return EmbeddingOutput(dense=dense)
+        keep = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        sparse_weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep.to(hidden.dtype)
+        colbert_mask = attention_mask[:, 1:]
+        colbert = self.colbert_linear(hidden[:, 1:]) * colbert_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.normalize:
+            colbert = F.normalize(colbert, dim=-1)
+        return EmbeddingOutput(
+            dense=dense,
+            sparse_weights=sparse_weights,
+            input_ids=input_ids,
+            colbert=colbert,
+            colbert_mask=colbert_mask,
+        )
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+        # last real token, found from the mask so that left and right padding both work
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(
+        self, query: dict[str, torch.Tensor] | None = None, passages: dict[str, torch.Tensor] | None = None, **_: Any
+    ) -> RetrieverOutput:
+        """Encode queries and passages in one call (one forward per step keeps DDP's hooks simple)."""
+        return RetrieverOutput(
+            query=self.encode_features(query) if query is not None else None,
+            passages=self.encode_features(passages) if passages is not None else None,
+        )
+
+    # ---------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: str | list[str],
+        *,
+        batch_size: int = 32,
+        max_length: int = 512,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        device: str | torch.device | None = None,
+    ) -> dict[str, Any]:
+        """Embed texts like FlagEmbedding's `BGEM3FlagModel.encode`.
+
+        Returns a dict with `dense_vecs` (`[N, d]` array), `lexical_weights` (one `{token_id_str: weight}`
+        dict per text, special tokens and zero weights dropped) and `colbert_vecs` (one `[n_tokens - 1, d]`
+        array per text), each present when asked for.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if (return_sparse or return_colbert_vecs) and not self.has_heads:
+            raise MissingHeadsError(f"{self.name_or_path}: this model has no sparse/ColBERT heads")
+        was_training = self.training
+        self.eval()
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        dense, lexical, colbert = [], [], []
+        try:
+            for start in range(0, len(texts), batch_size):
+                features = self.tokenize(texts[start : start + batch_size], max_length)
+                out = self.encode_features({k: v.to(device) for k, v in features.items()})
+                if return_dense:
+                    dense.append(out.dense.float().cpu().numpy())
+                if return_sparse:
+                    for ids, weights in zip(out.input_ids.cpu().tolist(), out.sparse_weights.float().cpu().tolist()):
+                        entry: dict[str, float] = {}
+                        for token_id, weight in zip(ids, weights):
+                            if weight > 0 and weight > entry.get(str(token_id), 0.0):
+                                entry[str(token_id)] = weight
+                        lexical.append(entry)
+                if return_colbert_vecs:
+                    lengths = out.colbert_mask.sum(1).cpu().tolist()
+                    for vecs, n in zip(out.colbert.float().cpu().numpy(), lengths):
+                        colbert.append(vecs[: int(n)])
+        finally:
+            self.train(was_training)
+        result: dict[str, Any] = {}
+        if return_dense:
+            result["dense_vecs"] = np.concatenate(dense) if dense else np.zeros((0, self.config.hidden_size))
+        if return_sparse:
+            result["lexical_weights"] = lexical
+        if return_colbert_vecs:
+            result["colbert_vecs"] = colbert
+        return result
+
+    @staticmethod
+    def lexical_matching_score(weights_a: dict[str, float], weights_b: dict[str, float]) -> float:
+        return float(sum(w * weights_b[t] for t, w in weights_a.items() if t in weights_b))
+
+    @staticmethod
+    def colbert_score(q_vecs: np.ndarray, p_vecs: np.ndarray) -> float:
+        return float((q_vecs @ p_vecs.T).max(axis=1).mean())
+
+    def compute_score(
+        self,
+        pairs: list[tuple[str, str]],
+        *,
+        weights: tuple[float, float, float] = (1.0, 0.3, 1.0),
+        batch_size: int = 32,
+        max_query_length: int = 512,
+        max_passage_length: int = 512,
+    ) -> dict[str, list[float]]:
+        """Scores of (query, passage) pairs for each mode: dense, sparse, colbert, sparse+dense, all.
+
+        The combined modes are weighted sums normalised by the weights used (FlagEmbedding's convention).
+        """
+        queries = [q for q, _ in pairs]
+        passages = [p for _, p in pairs]
+        modes = {"return_dense": True, "return_sparse": self.has_heads, "return_colbert_vecs": self.has_heads}
+        q_out = self.encode(queries, batch_size=batch_size, max_length=max_query_length, **modes)
+        p_out = self.encode(passages, batch_size=batch_size, max_length=max_passage_length, **modes)
+        scores: dict[str, list[float]] = {"dense": (q_out["dense_vecs"] * p_out["dense_vecs"]).sum(1).tolist()}
+        if self.has_heads:
+            w_dense, w_sparse, w_colbert = weights
+            scores["sparse"] = [
+                self.lexical_matching_score(a, b) for a, b in zip(q_out["lexical_weights"], p_out["lexical_weights"])
+            ]
+            scores["colbert"] = [self.colbert_score(a, b) for a, b in zip(q_out["colbert_vecs"], p_out["colbert_vecs"])]
+            scores["sparse+dense"] = [
+                (w_dense * d + w_sparse * s) / (w_dense + w_sparse) for d, s in zip(scores["dense"], scores["sparse"])
+            ]
+            scores["colbert+sparse+dense"] = [
+                (w_dense * d + w_sparse * s + w_colbert * c) / (w_dense + w_sparse + w_colbert)
+                for d, s, c in zip(scores["dense"], scores["sparse"], scores["colbert"])
+            ]
+        return scores
+
+    # ------------------------------------------------------------------------------------------ save / load
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> BGEM3Model:
+        """Load a saved model; all three heads are restored exactly (missing heads raise unless told)."""
+        return cls(model_name=path, **kwargs)
+
+    def save_pretrained(self, output_dir: str | os.PathLike, *, max_seq_length: int = 512, **kwargs: Any) -> None:
+        """Write a folder that FlagEmbedding, sentence-transformers and `from_pretrained` all load.
+
+        Files: the backbone (`config.json`, `model.safetensors`), the tokenizer, `colbert_linear.pt` and
+        `sparse_linear.pt` (always, when the model has heads), `m3_heads.json`, and the
+        sentence-transformers modules for the dense head (Transformer -> Pooling -> Normalize).
+        """
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        full_state = kwargs.pop("state_dict", None)  # a gathered wrapper state dict (e.g. from ZeRO-3)
+        parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "colbert_linear": {}, "sparse_linear": {}}
+        if full_state is not None:
+            for key, value in full_state.items():
+                prefix, _, rest = key.partition(".")
+                if prefix in parts:
+                    parts[prefix][rest] = value
+            kwargs["state_dict"] = parts["model"]
+        self.model.save_pretrained(output_dir, **kwargs)
+        self.tokenizer.save_pretrained(output_dir)
+        if self.has_heads:
+            for module, filename in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
+                head_state = parts[filename.removesuffix(".pt")] or module.state_dict()
+                state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in head_state.items()}
+                torch.save(state, output_dir / filename)
+        heads_trained = self.heads_trained or (self.unified_finetuning and self.has_heads)
+        info = {"has_heads": self.has_heads, "heads_trained": heads_trained, "pooling": self.pooling}
+        (output_dir / HEADS_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        self._write_sentence_transformers_files(output_dir, max_seq_length)
+
+    def _write_sentence_transformers_files(self, output_dir: Path, max_seq_length: int) -> None:
+        pooling_modes = {"cls": "cls_token", "mean": "mean_tokens", "last_token": "lasttoken"}
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if self.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            (output_dir / "2_Normalize").mkdir(exist_ok=True)
+        pooling = {f"pooling_mode_{mode}": False for mode in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")}
+        pooling[f"pooling_mode_{pooling_modes[self.pooling]}"] = True
+        pooling["word_embedding_dimension"] = self.config.hidden_size
+        pooling["include_prompt"] = True
+        (output_dir / "1_Pooling").mkdir(exist_ok=True)
+        files = {
+            "modules.json": modules,
+            "1_Pooling/config.json": pooling,
+            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+            "config_sentence_transformers.json": {
+                "prompts": {},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine" if self.normalize else "dot",
+            },
+        }
+        for name, content in files.items():
+            (output_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+    def load_weights_from(self, path: str | os.PathLike) -> None:
+        """Restore backbone and head weights in place from a folder written by `save_pretrained`."""
+        reloaded = type(self).from_pretrained(
+            str(path), unified_finetuning=self.unified_finetuning, pooling=self.pooling, normalize=self.normalize,
+            init_missing_heads=not self.has_heads, tokenizer=self.tokenizer,
+        )  # fmt: skip
+        self.model.load_state_dict(reloaded.model.state_dict())
+        if self.has_heads:
+            self.colbert_linear.load_state_dict(reloaded.colbert_linear.state_dict())
+            self.sparse_linear.load_state_dict(reloaded.sparse_linear.state_dict())

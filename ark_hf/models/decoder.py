@@ -1,0 +1,677 @@
+"""A decoder-only LLM as a text embedder, the Qwen3-Embedding way.
+
+Recipe (Zhang et al., "Qwen3 Embedding: Advancing Text Embedding and Reranking Through Foundation Models",
+arXiv 2506.05176, and the released code):
+
+- a query is written `Instruct: {task}\\nQuery:{query}` (no space after `Query:`); documents get no
+  instruction;
+- the end-of-text token `<|endoftext|>` is appended to every text, and the embedding is the last layer's
+  hidden state at that token: with causal attention it is the only position that has seen the whole text;
+- embeddings are L2-normalised, so cosine similarity is a dot product;
+- Matryoshka (MRL): the first `dim` coordinates, renormalised, are an embedding of their own.
+
+`DecoderEmbedder` holds the backbone (`AutoModel`: `Qwen3Model` for a Qwen3 checkpoint, also when the folder
+holds a `Qwen3ForCausalLM`), optionally wrapped with LoRA adapters by `peft`, and the tokenizer. A full save
+writes the sentence-transformers layout, so the trained model is used with
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("out/final")
+query_embeddings = model.encode(queries, prompt_name="query")
+document_embeddings = model.encode(documents)
+```
+
+and gives the embeddings of training time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging
+
+from ark_hf.data.collator import tokenize_with_eos
+from ark_hf.models.outputs import EmbeddingOutput, RetrieverOutput
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "DecoderEmbedder",
+    "format_query",
+    "last_token_pool",
+    "query_prompt",
+    "truncate_embeddings",
+]
+
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+# Qwen's end-of-text token. Qwen3-Embedding's tokenizer declares `<|im_end|>` as eos but appends this one
+# (it is also the pad token), so it is preferred whenever the vocabulary has it.
+QWEN_EOS_TOKEN = "<|endoftext|>"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+# A full save of a LoRA model also keeps the adapter here, so a checkpoint can resume LoRA training.
+ADAPTER_SUBFOLDER = "lora_adapter"
+
+
+# ------------------------------------------------------------------------------------------- pure functions
+def format_query(query: str, instruction: str | None) -> str:
+    """`Instruct: {instruction}\\nQuery:{query}`; the query unchanged when there is no instruction.
+
+    No space after `Query:` (Qwen3-Embedding's `get_detailed_instruct`). `None` and `""` mean "no
+    instruction": the text is never prefixed with the string `"None"`.
+    """
+    if not instruction:
+        return query
+    return f"{query_prompt(instruction)}{query}"
+
+
+def query_prompt(instruction: str) -> str:
+    """The prefix that `format_query` puts before a query: sentence-transformers' `prompts["query"]`."""
+    return f"Instruct: {instruction}\nQuery:"
+
+
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state at the last position whose attention mask is 1, for left or right padding.
+
+    `fliplr(mask).argmax` finds the first 1 from the right, so the index is `L - 1 - argmax`. Reading the
+    position from the mask, not from token ids, matters: in Qwen3 the pad id *is* the EOS id, and
+    `mask.sum() - 1` is only right for right padding.
+
+    Args:
+        hidden_states: `[N, L, d]`.
+        attention_mask: `[N, L]`, 1 for real tokens.
+
+    Returns:
+        `[N, d]`.
+    """
+    length = attention_mask.shape[1]
+    last = length - 1 - attention_mask.flip(1).to(torch.int32).argmax(dim=1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+def truncate_embeddings(embeddings: torch.Tensor, dim: int, normalize: bool = True) -> torch.Tensor:
+    """Matryoshka view: the first `dim` coordinates, L2-renormalised (slice first, then normalise)."""
+    if not 0 < dim <= embeddings.shape[-1]:
+        raise ValueError(f"dim must be in [1, {embeddings.shape[-1]}], got {dim}")
+    sliced = embeddings[..., :dim]
+    return F.normalize(sliced, p=2, dim=-1) if normalize else sliced
+
+
+def resolve_eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token appended to every text: `<|endoftext|>` when the vocabulary has it, else the tokenizer's eos."""
+    vocab = tokenizer.get_vocab()
+    if QWEN_EOS_TOKEN in vocab:
+        return vocab[QWEN_EOS_TOKEN]
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has neither {QWEN_EOS_TOKEN} nor an eos token; last-token pooling needs a "
+            "token that closes every text"
+        )
+    return tokenizer.eos_token_id
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+# --------------------------------------------------------------------------------------------------- model
+class DecoderEmbedder(nn.Module):
+    """A decoder LLM turned into an embedder: EOS appended, last-token pooling, L2 normalisation, optional LoRA.
+
+    Args:
+        model_name_or_path: Hub name or local folder of the backbone (loaded with `AutoModel`, so a causal-LM
+            checkpoint gives its base model), or an already loaded `PreTrainedModel` / `peft.PeftModel`. Use
+            `DecoderEmbedder.from_pretrained` for a folder written by `save_pretrained` with LoRA adapters.
+        tokenizer: a tokenizer or its name/folder; default: the one of `model_name_or_path`. Its
+            `padding_side` is respected (Qwen3-Embedding ships `left`; pooling works for both).
+        torch_dtype, attn_implementation, trust_remote_code: passed to `AutoModel.from_pretrained`.
+        lora: wrap the backbone with LoRA adapters (`peft`); only the adapters are trained.
+        lora_r, lora_alpha, lora_dropout: rank, scaling numerator (update scale `alpha / r`) and dropout.
+        lora_target_modules: module names, or `"all-linear"` for every linear projection (attention and MLP).
+        normalize: L2-normalise the embeddings (Qwen3-Embedding does; cosine = dot product).
+        matryoshka_dims: embedding sizes trained with the Matryoshka loss (each in `[1, hidden_size]`). The
+            model still returns full-size embeddings; `truncate_embeddings` gives the views.
+
+    Attributes:
+        model: the backbone, a `peft.PeftModel` when LoRA is on.
+        tokenizer: the tokenizer.
+        eos_token_id: the id appended to every text.
+    """
+
+    # The Trainer must not pass `num_items_in_batch`: the contrastive losses are means over queries.
+    accepts_loss_kwargs = False
+    supports_gradient_checkpointing = True
+    main_input_name = "input_ids"
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike | PreTrainedModel | nn.Module,
+        *,
+        tokenizer: PreTrainedTokenizerBase | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = None,
+        lora: bool = False,
+        lora_r: int = 8,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = "all-linear",
+        normalize: bool = True,
+        matryoshka_dims: list[int] | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(model_name_or_path, (str, os.PathLike)):
+            name = str(model_name_or_path)
+            if os.path.isfile(os.path.join(name, ADAPTER_CONFIG_NAME)):
+                raise ValueError(
+                    f"{name} holds LoRA adapters, not a model; load it with DecoderEmbedder.from_pretrained({name!r})"
+                )
+            load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+            if torch_dtype is not None:
+                load_kwargs["dtype"] = torch_dtype
+            if attn_implementation is not None:
+                load_kwargs["attn_implementation"] = attn_implementation
+            backbone = AutoModel.from_pretrained(name, **load_kwargs)
+        else:
+            backbone = model_name_or_path
+            name = backbone.config.name_or_path
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(tokenizer) if tokenizer is not None else name, trust_remote_code=trust_remote_code
+            )
+        self.tokenizer = tokenizer
+        self.eos_token_id = resolve_eos_token_id(tokenizer)
+        if tokenizer.pad_token_id is None:
+            # padded positions are masked out, so any id works; the EOS is what Qwen3 itself uses
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(self.eos_token_id)
+
+        if lora:
+            if _is_peft_model(backbone):
+                raise ValueError("the backbone already carries peft adapters; pass lora=False to train them as they are")
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            lora_config = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=lora_target_modules,
+                task_type=TaskType.FEATURE_EXTRACTION,
+            )
+            backbone = get_peft_model(backbone, lora_config)
+        self.model = backbone
+        self.normalize = normalize
+
+        hidden_size = self.config.hidden_size
+        if matryoshka_dims is not None:
+            matryoshka_dims = [int(dim) for dim in matryoshka_dims]
+            bad = [dim for dim in matryoshka_dims if not 0 < dim <= hidden_size]
+            if bad:
+                raise ValueError(f"matryoshka_dims must lie in [1, {hidden_size}] (the hidden size), got {bad}")
+        self.matryoshka_dims = matryoshka_dims
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def config(self) -> PretrainedConfig:
+        """The backbone's config (the Trainer and DeepSpeed read `hidden_size` and friends from it)."""
+        return self.base_model.config
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The transformers model under the peft wrapper (the backbone itself without LoRA)."""
+        return self.model.get_base_model() if self.is_lora else self.model
+
+    @property
+    def is_lora(self) -> bool:
+        return _is_peft_model(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    format_query = staticmethod(format_query)
+    truncate_embeddings = staticmethod(truncate_embeddings)
+
+    # ----------------------------------------------------------------------------------------- training
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Checkpoint the backbone's layers; non-reentrant by default.
+
+        Reentrant checkpointing breaks when one step runs the backbone twice (queries, then passages) under
+        DDP, and with frozen inputs (LoRA) it would not backpropagate at all.
+        """
+        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        backbone = self.base_model
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        else:  # transformers before the rename
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        backbone.config.use_cache = False
+        if self.is_lora:
+            # the frozen embedding output must require grad, or checkpointed layers see no graph to the adapters
+            backbone.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Alias of `activation_checkpointing_enable` (the name transformers < 5.x and sentence-transformers use)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        backbone = self.base_model
+        if hasattr(backbone, "activation_checkpointing_disable"):
+            backbone.activation_checkpointing_disable()
+        else:
+            backbone.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        backbone = self.base_model
+        if hasattr(backbone, "is_activation_checkpointing"):
+            return bool(backbone.is_activation_checkpointing)
+        return bool(getattr(backbone, "is_gradient_checkpointing", False))
+
+    def enable_input_require_grads(self) -> None:
+        self.base_model.enable_input_require_grads()
+
+    # ----------------------------------------------------------------------------------------- encoding
+    def tokenize(self, texts: list[str], max_length: int, pad_to_multiple_of: int | None = None) -> BatchEncoding:
+        """Tokenize without special tokens, cut to `max_length - 1` tokens, append the EOS, pad.
+
+        Appending after truncation is what keeps the EOS in long texts (the pooled position). Padding follows
+        `tokenizer.padding_side`.
+        """
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for one token and the EOS, got {max_length}")
+        return tokenize_with_eos(self.tokenizer, list(texts), max_length, self.eos_token_id, pad_to_multiple_of)
+
+    def encode_features(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
+        """Backbone + last-token pooling (+ normalisation) on tokenized texts.
+
+        The pooled vectors are upcast to float32 before normalising: with bf16 weights the contrastive
+        scores (dot products divided by a small temperature) would otherwise keep only ~3 significant digits.
+        """
+        attention_mask = features["attention_mask"]
+        hidden = self.model(
+            input_ids=features["input_ids"], attention_mask=attention_mask, use_cache=False, return_dict=True
+        ).last_hidden_state
+        dense = last_token_pool(hidden, attention_mask).float()
+        if self.normalize:
+            dense = F.normalize(dense, p=2, dim=-1)
+        return EmbeddingOutput(dense=dense)
+
+    def forward(
+        self,
+        query: dict[str, torch.Tensor] | None = None,
+        passages: dict[str, torch.Tensor] | None = None,
+        **_: Any,
+    ) -> RetrieverOutput:
+        """Encode queries and passages in one call, so DDP sees one forward per step.
+
+        Extra batch keys (hashes, ids, teacher scores) are the loss's business and are ignored here.
+        """
+        return RetrieverOutput(
+            query=self.encode_features(query) if query is not None else None,
+            passages=self.encode_features(passages) if passages is not None else None,
+        )
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: str | list[str],
+        *,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        max_length: int = 512,
+        convert_to_tensor: bool = False,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool = False,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed texts for inference (eval mode, no gradients, batched by length).
+
+        Args:
+            texts: a text or a list of texts.
+            prompt: the task instruction for queries: each text becomes `Instruct: {prompt}\\nQuery:{text}`.
+                Leave it `None` for documents.
+            batch_size: texts per forward pass.
+            max_length: tokens per text, EOS included.
+            convert_to_tensor: return a `torch.Tensor` on the model's device instead of a float32 numpy array.
+            truncate_dim: Matryoshka size to return (sliced and renormalised).
+            show_progress_bar: show a tqdm bar over batches.
+
+        Returns:
+            `[N, d]` embeddings (`[d]` for a single string).
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        formatted = [format_query(text, prompt) for text in texts]
+        # longest first: batches of similar length waste little padding
+        order = sorted(range(len(formatted)), key=lambda i: -len(formatted[i]))
+        was_training = self.training
+        self.eval()
+        device = self.device
+        chunks = []
+        starts = range(0, len(order), batch_size)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="Encoding", unit="batch")
+        try:
+            for start in starts:
+                batch = [formatted[i] for i in order[start : start + batch_size]]
+                features = {key: value.to(device) for key, value in self.tokenize(batch, max_length).items()}
+                chunks.append(self.encode_features(features).dense)
+        finally:
+            self.train(was_training)
+        hidden_size = self.config.hidden_size
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0, hidden_size, device=device)
+        embeddings = embeddings[torch.as_tensor(np.argsort(order), dtype=torch.long, device=embeddings.device)]
+        if truncate_dim is not None:
+            embeddings = truncate_embeddings(embeddings, truncate_dim, normalize=self.normalize)
+        if single:
+            embeddings = embeddings[0]
+        return embeddings if convert_to_tensor else embeddings.cpu().numpy()
+
+    # ----------------------------------------------------------------------------------------- LoRA
+    def merge_lora(self) -> DecoderEmbedder:
+        """Fold the adapters into the backbone weights, in place (then train or save it as a plain model)."""
+        if not self.is_lora:
+            raise ValueError("merge_lora: this model has no LoRA adapters")
+        self.model = self.model.merge_and_unload()
+        return self
+
+    def _merged_state_dict(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """The backbone's weights with every LoRA update `W + (alpha / r) B A` folded in, without touching the model.
+
+        Each merged tensor is built in float32 and moved to the CPU, so the extra accelerator memory is one
+        layer, not a second copy of the model (`merge_and_unload` on a deep copy would need the latter).
+        `state_dict` (keys of this module, e.g. gathered by DeepSpeed ZeRO-3) replaces the live weights.
+        Returns None for adapters this does not cover (DoRA and other LoRA variants, LoRA on embeddings,
+        `modules_to_save`): the caller then falls back to peft's own merge.
+        """
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        prefix = "base_model.model."
+        if state_dict is None:
+            source = self.model.state_dict()
+        else:
+            source = {key.removeprefix("model."): value for key, value in state_dict.items()}
+        if any("modules_to_save" in key or "original_module" in key for key in source):
+            return None
+        lora_layers = {
+            name: module for name, module in self.model.get_base_model().named_modules() if isinstance(module, LoraLayer)
+        }
+        for module in lora_layers.values():
+            if not isinstance(module, LoraLinear) or any(module.lora_variant.values()):
+                return None
+            if any(module.lora_bias.values()):
+                return None
+
+        merged: dict[str, torch.Tensor] = {}
+        for key, tensor in source.items():
+            name = key.removeprefix(prefix)
+            if ".lora_" in name:
+                continue
+            merged[name.replace(".base_layer.", ".")] = tensor
+        for name, module in lora_layers.items():
+            weight_key = f"{name}.weight"
+            weight = merged[weight_key]
+            update = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for adapter in module.active_adapters:
+                if adapter not in module.lora_A or adapter in module.merged_adapters:
+                    continue
+                lora_a = source[f"{prefix}{name}.lora_A.{adapter}.weight"].to(weight.device, torch.float32)
+                lora_b = source[f"{prefix}{name}.lora_B.{adapter}.weight"].to(weight.device, torch.float32)
+                delta = (lora_b @ lora_a) * module.scaling[adapter]
+                update += delta.T if module.fan_in_fan_out else delta
+            merged[weight_key] = (weight.float() + update).to(weight.dtype).cpu()
+        return merged
+
+    # ----------------------------------------------------------------------------------------- save / load
+    def save_pretrained(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        merge_lora: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_seq_length: int | None = None,
+        query_instruction: str | None = DEFAULT_INSTRUCTION,
+    ) -> None:
+        """Save the model so that `from_pretrained` and (full saves) `SentenceTransformer` load it.
+
+        Full save (no LoRA, or `merge_lora=True`): backbone weights (LoRA folded in, the training model left
+        untouched), `config.json`, the tokenizer, and the sentence-transformers files (`modules.json`:
+        Transformer -> Pooling(lasttoken) -> Normalize, `sentence_bert_config.json`, `1_Pooling/config.json`,
+        `config_sentence_transformers.json` with the `query`/`document` prompts). A LoRA model also keeps
+        its adapter in `lora_adapter/`, so the folder can resume LoRA training.
+
+        Adapter save (LoRA and `merge_lora=False`): `adapter_config.json`, `adapter_model.safetensors` and
+        the tokenizer; small, and reloaded on top of the base model named in `adapter_config.json`.
+
+        The saved tokenizer appends the EOS itself (a `TemplateProcessing` post-processor, as Qwen3-Embedding's
+        does), because sentence-transformers tokenizes with special tokens and pools the last one.
+
+        Args:
+            output_dir: folder to write (created if needed).
+            merge_lora: with LoRA, write merged full weights (True) or only the adapter (False).
+            state_dict: weights to save instead of the live ones (keys of this module, as the Trainer passes
+                them under DeepSpeed ZeRO-3 / FSDP).
+            max_seq_length: sentence-transformers' truncation length (EOS included); default: the tokenizer's
+                `model_max_length`, capped at the backbone's `max_position_embeddings`.
+            query_instruction: the instruction of sentence-transformers' `query` prompt.
+        """
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if max_seq_length is None:
+            max_seq_length = min(
+                self.tokenizer.model_max_length, getattr(self.config, "max_position_embeddings", 1 << 31)
+            )
+        if self.is_lora:
+            self._save_adapter(output_dir if not merge_lora else output_dir / ADAPTER_SUBFOLDER, state_dict)
+            if not merge_lora:
+                self._save_tokenizer(output_dir, max_seq_length)
+                return
+            merged = self._merged_state_dict(state_dict)
+            if merged is not None:
+                self.model.get_base_model().save_pretrained(output_dir, state_dict=merged)
+            elif state_dict is not None:
+                raise ValueError(
+                    "cannot merge these adapters from a given state_dict (LoRA variant, embedding LoRA or "
+                    "modules_to_save); save with merge_lora=False and merge the adapter folder afterwards"
+                )
+            else:
+                logger.warning("Merging a LoRA variant through a copy of the model: this needs memory for a second model")
+                copy.deepcopy(self.model).merge_and_unload().save_pretrained(output_dir)
+            for stale in (ADAPTER_CONFIG_NAME, "adapter_model.safetensors", "adapter_model.bin"):
+                if (output_dir / stale).is_file():
+                    (output_dir / stale).unlink()
+        else:
+            backbone_state = (
+                {key.removeprefix("model."): value for key, value in state_dict.items()}
+                if state_dict is not None
+                else None
+            )
+            self.model.save_pretrained(output_dir, state_dict=backbone_state)
+        self._save_tokenizer(output_dir, max_seq_length)
+        self._write_sentence_transformers_files(output_dir, max_seq_length, query_instruction)
+
+    def _save_adapter(self, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        kwargs: dict[str, Any] = {}
+        if state_dict is not None:
+            kwargs["state_dict"] = {key.removeprefix("model."): value for key, value in state_dict.items()}
+        self.model.save_pretrained(str(folder), **kwargs)
+
+    def _save_tokenizer(self, output_dir: Path, max_seq_length: int) -> None:
+        """Save the tokenizer with an EOS-appending post-processor and `model_max_length = max_seq_length`.
+
+        Set on the live tokenizer only for the duration of the save: training tokenizes without special
+        tokens and appends the EOS itself, so the post-processor is for the readers of the folder.
+        """
+        tokenizer = self.tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        original_max_length = tokenizer.model_max_length
+        original_processor = backend.post_processor if backend is not None else None
+        try:
+            tokenizer.model_max_length = max_seq_length
+            if backend is None:
+                logger.warning(
+                    "%s is not a fast tokenizer: the saved tokenizer will not append the EOS, and "
+                    "sentence-transformers embeddings will differ from training",
+                    type(tokenizer).__name__,
+                )
+            elif not self._appends_eos(tokenizer):
+                backend.post_processor = self._eos_post_processor(original_processor)
+            tokenizer.save_pretrained(str(output_dir))
+        finally:
+            tokenizer.model_max_length = original_max_length
+            if backend is not None:
+                backend.post_processor = original_processor
+        saved = AutoTokenizer.from_pretrained(str(output_dir))
+        if not self._appends_eos(saved):
+            logger.warning(
+                "The tokenizer saved in %s does not append token %d when reloaded (%s rebuilds its post-processor); "
+                "sentence-transformers embeddings will differ from training",
+                output_dir,
+                self.eos_token_id,
+                type(saved).__name__,
+            )
+
+    def _appends_eos(self, tokenizer: PreTrainedTokenizerBase) -> bool:
+        probe = "Query:probe"
+        plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        return tokenizer(probe)["input_ids"] == plain + [self.eos_token_id]
+
+    def _eos_post_processor(self, current: Any) -> Any:
+        from tokenizers import processors
+
+        eos = self.tokenizer.convert_ids_to_tokens(self.eos_token_id)
+        template = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, self.eos_token_id)]
+        )
+        # ByteLevel only fixes offsets; any other processor (BOS templates...) adds tokens training never saw
+        if isinstance(current, processors.ByteLevel):
+            return processors.Sequence([current, template])
+        return template
+
+    def _write_sentence_transformers_files(
+        self, output_dir: Path, max_seq_length: int, query_instruction: str | None
+    ) -> None:
+        """The module layout Qwen3-Embedding ships (legacy class paths: sentence-transformers 2.7 to 6.x read them).
+
+        No `modality_config` in `sentence_bert_config.json` on purpose: sentence-transformers 6 then treats
+        the module as text-only; inferring modalities would find Qwen's chat template and wrap every text in
+        chat messages.
+        """
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if self.normalize:
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
+            (output_dir / "2_Normalize").mkdir(exist_ok=True)
+        modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+        pooling: dict[str, Any] = {"word_embedding_dimension": self.config.hidden_size}
+        pooling.update({f"pooling_mode_{mode}": mode == "lasttoken" for mode in modes})
+        pooling["include_prompt"] = True
+        (output_dir / "1_Pooling").mkdir(exist_ok=True)
+        prompts = {"query": query_prompt(query_instruction) if query_instruction else "", "document": ""}
+        files = {
+            "modules.json": modules,
+            "1_Pooling/config.json": pooling,
+            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+            "config_sentence_transformers.json": {
+                "prompts": prompts,
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine" if self.normalize else "dot",
+            },
+        }
+        for name, content in files.items():
+            (output_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        base_model: str | os.PathLike | PreTrainedModel | None = None,
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> DecoderEmbedder:
+        """Load a folder written by `save_pretrained` (or any backbone folder / Hub name).
+
+        A folder with `adapter_config.json` is an adapter: the base model comes from `base_model`, else from
+        the config's `base_model_name_or_path`, and the adapter is loaded on top (`is_trainable=True` to keep
+        training it). Other keyword arguments go to `DecoderEmbedder(...)`.
+        """
+        path = str(path)
+        adapter_config_file = os.path.join(path, ADAPTER_CONFIG_NAME)
+        if not os.path.isfile(adapter_config_file):
+            if base_model is not None:
+                raise ValueError(f"{path} is a full model; base_model is only for adapter folders")
+            return cls(path, **kwargs)
+        if kwargs.get("lora"):
+            raise ValueError(f"{path} already holds LoRA adapters; do not pass lora=True")
+        from peft import PeftModel
+
+        if base_model is None:
+            with open(adapter_config_file, encoding="utf-8") as handle:
+                base_model = json.load(handle).get("base_model_name_or_path")
+            if not base_model:
+                raise ValueError(f"{adapter_config_file} names no base_model_name_or_path; pass base_model=")
+        if isinstance(base_model, (str, os.PathLike)):
+            load_kwargs: dict[str, Any] = {"trust_remote_code": kwargs.get("trust_remote_code", False)}
+            if kwargs.get("torch_dtype") is not None:
+                load_kwargs["dtype"] = kwargs["torch_dtype"]
+            if kwargs.get("attn_implementation") is not None:
+                load_kwargs["attn_implementation"] = kwargs["attn_implementation"]
+            base_model = AutoModel.from_pretrained(str(base_model), **load_kwargs)
+        peft_model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable)
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("torch_dtype", "attn_implementation")}
+        has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+        kwargs.setdefault("tokenizer", path if has_tokenizer else base_model.config.name_or_path)
+        return cls(peft_model, **kwargs)
+
+    def load_weights_from(self, path: str | os.PathLike) -> None:
+        """Restore weights in place from a folder written by `save_pretrained` (the Trainer's resume path).
+
+        A LoRA model reads the adapter (the folder itself or its `lora_adapter/`); a plain model reads the
+        full weights, and every tensor must match.
+        """
+        from ark_hf.merging import load_checkpoint_weights
+
+        path = Path(path)
+        if self.is_lora:
+            from peft import set_peft_model_state_dict
+
+            folder = path if (path / ADAPTER_CONFIG_NAME).is_file() else path / ADAPTER_SUBFOLDER
+            if not (folder / ADAPTER_CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"{path}: no LoRA adapter ({ADAPTER_CONFIG_NAME} or {ADAPTER_SUBFOLDER}/)")
+            result = set_peft_model_state_dict(self.model, load_checkpoint_weights(folder))
+            missing = [key for key in result.missing_keys if "lora_" in key]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"{folder}: adapter mismatch, missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+            return
+        if (path / ADAPTER_CONFIG_NAME).is_file():
+            raise ValueError(f"{path} holds LoRA adapters but this model has none")
+        result = self.model.load_state_dict(load_checkpoint_weights(path), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{path}: weights do not match the model, missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )

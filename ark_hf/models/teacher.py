@@ -1,0 +1,87 @@
+"""Online teachers: score each query's group under `no_grad` when the data carries no teacher scores."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["TeacherScorer"]
+
+
+class TeacherScorer:
+    """Scores (query, passage) pairs with a frozen teacher.
+
+    A cross-encoder (a sequence-classification model, e.g. `BAAI/bge-reranker-v2-m3`) gives its raw
+    logit per pair, as FlagEmbedding's `add_reranker_score.py` writes them; a bi-encoder (any
+    sentence-transformers model) gives the cosine similarity of the two embeddings.
+
+    Args:
+        model_name_or_path: Hub name or local folder.
+        kind: `"cross-encoder"`, `"bi-encoder"`, or `"auto"` (from the model's architecture).
+        max_length: maximum tokens per pair (cross-encoder) or text (bi-encoder).
+        batch_size: pairs or texts per forward pass.
+        device: where the teacher runs (the student's device by default).
+        trust_remote_code: allow custom modelling code.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        kind: str = "auto",
+        max_length: int = 512,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if kind == "auto":
+            architectures = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).architectures
+            is_cross = any("SequenceClassification" in a for a in architectures or [])
+            has_st_modules = os.path.isfile(os.path.join(model_name_or_path, "modules.json"))
+            kind = "cross-encoder" if is_cross and not has_st_modules else "bi-encoder"
+        if kind not in ("cross-encoder", "bi-encoder"):
+            raise ValueError(f"teacher kind must be 'cross-encoder', 'bi-encoder' or 'auto', got {kind!r}")
+        self.kind = kind
+        self.batch_size = batch_size
+        device = str(device) if device is not None else None
+        if kind == "cross-encoder":
+            from sentence_transformers import CrossEncoder
+
+            self.model = CrossEncoder(
+                model_name_or_path, max_length=max_length, device=device, trust_remote_code=trust_remote_code
+            )
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(model_name_or_path, device=device, trust_remote_code=trust_remote_code)
+            self.model.max_seq_length = max_length
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        logger.info("online teacher %s loaded as a %s", model_name_or_path, kind)
+
+    @torch.no_grad()
+    def score(self, queries: list[str], passages: list[str]) -> torch.Tensor:
+        """Teacher scores `[B, G]` for B queries and their B*G passages (groups flattened, in order)."""
+        group = len(passages) // len(queries)
+        if group * len(queries) != len(passages):
+            raise ValueError(f"{len(passages)} passages do not split into groups of {len(queries)} queries")
+        if self.kind == "cross-encoder":
+            pairs = [(queries[i // group], passage) for i, passage in enumerate(passages)]
+            scores = self.model.predict(
+                pairs,
+                batch_size=self.batch_size,
+                activation_fn=torch.nn.Identity(),
+                convert_to_tensor=True,
+                show_progress_bar=False,
+            )
+        else:
+            q = self.model.encode(queries, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True)
+            p = self.model.encode(passages, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True)
+            scores = (q.repeat_interleave(group, dim=0) * p).sum(-1)
+        return scores.float().view(len(queries), group)

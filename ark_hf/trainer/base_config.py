@@ -1,0 +1,121 @@
+"""Fields shared by every retriever trainer config (data, lengths, batching, evaluation, safety)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = ["RetrieverConfig"]
+
+
+@dataclass
+class RetrieverConfig(TrainingArguments):
+    r"""
+    Configuration shared by [`BGETrainerConfig`] and [`QwenTrainerConfig`]; a `TrainingArguments` subclass,
+    so every Trainer option (precision, DeepSpeed, FSDP, logging, saving, Hub) works unchanged.
+
+    Parameters:
+        > Model
+
+        model_name_or_path (`str` or `None`): Hub name or local folder of the model to fine-tune.
+        trust_remote_code (`bool`, defaults to `False`): Allow custom modelling code from the Hub.
+
+        > Data
+
+        train_data (`list[str]` or `None`): jsonl/json files or folders of training records.
+        train_group_size (`int`, defaults to `8`): Passages per query: 1 positive and `train_group_size - 1` negatives.
+        query_max_len, passage_max_len (`int`): Truncation lengths in tokens.
+        query_instruction, query_instruction_format: Instruction prepended to queries and how it is joined.
+        max_validation_errors (`int`, defaults to `20`): Errors listed before the data check stops counting.
+
+        > Batching
+
+        same_dataset_within_batch (`bool`): Every batch from one source file.
+        no_duplicates_in_batch (`bool`): No text twice in one batch.
+        group_by_length (`bool`): Batches of similar length.
+
+        > Evaluation
+
+        eval_data (`str` or `None`): An evaluation set (JSON with queries, corpus, qrels, or a jsonl of records).
+        eval_modes (`list[str]`): Scoring modes to evaluate.
+
+        > Safety
+
+        overwrite_output_dir (`bool`, defaults to `False`): Allow writing into a non-empty output_dir.
+
+    Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (batches are built by the
+    collator), `logging_steps=10`, `save_safetensors` left as is.
+    """
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub name or local folder of the model to fine-tune."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the Hub (off: only trusted classes)."}
+    )
+    train_data: list[str] | None = field(
+        default=None,
+        metadata={"help": "Training data: jsonl/json files or folders (each file is one source).", "nargs": "+"},
+    )
+    train_group_size: int = field(
+        default=8, metadata={"help": "Passages per query: 1 positive + (train_group_size - 1) negatives."}
+    )
+    query_max_len: int = field(default=32, metadata={"help": "Maximum query length in tokens (truncated beyond)."})
+    passage_max_len: int = field(
+        default=128, metadata={"help": "Maximum passage length in tokens (truncated beyond)."}
+    )
+    query_instruction: str | None = field(
+        default=None, metadata={"help": "Instruction for queries; a record's own `prompt` field takes precedence."}
+    )
+    query_instruction_format: str = field(
+        default="{}{}", metadata={"help": "Python format joining instruction and query, e.g. '{}{}'."}
+    )
+    passage_instruction: str | None = field(
+        default=None, metadata={"help": "Instruction for passages (symmetric tasks only)."}
+    )
+    passage_instruction_format: str = field(
+        default="{}{}", metadata={"help": "Python format joining instruction and passage."}
+    )
+    max_validation_errors: int = field(
+        default=20, metadata={"help": "How many data errors to list before stopping the count."}
+    )
+    same_dataset_within_batch: bool = field(
+        default=False, metadata={"help": "Draw every batch from a single source file."}
+    )
+    no_duplicates_in_batch: bool = field(
+        default=False, metadata={"help": "Never put the same text twice in one batch (avoids false negatives)."}
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad token lengths to a multiple of this (8 suits tensor cores)."}
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation set: a JSON file with 'queries', 'corpus', 'qrels', or a jsonl of training records "
+            "(corpus = their passages, qrels = their positives)."
+        },
+    )
+    eval_modes: list[str] = field(
+        default_factory=lambda: ["dense"],
+        metadata={"help": "Scoring modes to evaluate: dense, sparse, colbert, dense+sparse, all.", "nargs": "+"},
+    )
+    eval_batch_size_encode: int = field(default=64, metadata={"help": "Batch size when encoding the eval corpus."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow training into a non-empty output_dir that holds another run (files may be replaced)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the retrieval collator builds the batches itself."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (a ratio if < 1)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_group_size < 1:
+            raise ValueError(f"train_group_size must be >= 1, got {self.train_group_size}")
+        for name in ("query_max_len", "passage_max_len"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.same_dataset_within_batch and self.no_duplicates_in_batch:
+            raise ValueError("choose one of same_dataset_within_batch and no_duplicates_in_batch")
