@@ -194,7 +194,9 @@ def merge_state_dicts(
         if other.keys() != first.keys():
             missing = sorted(first.keys() - other.keys())[:5]
             extra = sorted(other.keys() - first.keys())[:5]
-            raise ValueError(f"state dict {index} has different keys than state dict 0: missing {missing}, extra {extra}")
+            raise ValueError(
+                f"state dict {index} has different keys than state dict 0: missing {missing}, extra {extra}"
+            )
     merged: dict[str, torch.Tensor] = {}
     for key, reference in first.items():
         tensors = [state_dict[key] for state_dict in state_dicts]
@@ -348,7 +350,9 @@ def merge_checkpoints(
     holds one output shard plus one tensor per checkpoint, not whole models. The output keeps the first
     checkpoint's shard layout, always as safetensors (a `pytorch_model*.bin` input becomes
     `model*.safetensors`), and every other file of the first checkpoint is copied (config, tokenizer,
-    sentence-transformers modules, model card), except trainer state such as `optimizer.pt`.
+    sentence-transformers modules, model card), except trainer state such as `optimizer.pt` and the
+    `lora_adapter/` that `DecoderEmbedder` keeps next to merged LoRA weights. `merge_info.json` records the
+    inputs, method and weights.
 
     The folder is written under a temporary name next to `output_dir` and renamed at the end, so a crash
     never leaves a half-written model behind.
@@ -370,7 +374,9 @@ def merge_checkpoints(
     first = checkpoints[0]
     kinds = {checkpoint.kind for checkpoint in checkpoints}
     if len(kinds) > 1:
-        raise ValueError(f"cannot merge full models with LoRA adapters: {[(str(c.path), c.kind) for c in checkpoints]}")
+        raise ValueError(
+            f"cannot merge full models with LoRA adapters: {[(str(c.path), c.kind) for c in checkpoints]}"
+        )
     if first.kind == "adapter":
         _check_adapter_configs(checkpoints)
     reference_keys = set(first.keys())
@@ -378,7 +384,9 @@ def merge_checkpoints(
         if set(checkpoint.keys()) != reference_keys:
             missing = sorted(reference_keys - set(checkpoint.keys()))[:5]
             extra = sorted(set(checkpoint.keys()) - reference_keys)[:5]
-            raise ValueError(f"{checkpoint.path} has other tensors than {first.path}: missing {missing}, extra {extra}")
+            raise ValueError(
+                f"{checkpoint.path} has other tensors than {first.path}: missing {missing}, extra {extra}"
+            )
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))

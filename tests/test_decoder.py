@@ -221,6 +221,10 @@ def test_gradient_checkpointing_with_lora_backpropagates(embedder):
     model = DecoderEmbedder(copy.deepcopy(embedder.model), tokenizer=embedder.tokenizer, lora=True)
     model.gradient_checkpointing_enable()
     assert model.is_gradient_checkpointing
+    checkpoint_funcs = [
+        m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", 0)
+    ]
+    assert checkpoint_funcs and all(f.keywords == {"use_reentrant": False} for f in checkpoint_funcs)
     model.train()
     output = model(query=model.tokenize(QUERIES, 16), passages=model.tokenize(DOCUMENTS, 16))
     (output.query.dense @ output.passages.dense.T).sum().backward()
@@ -267,6 +271,23 @@ def test_merge_lora_in_place(lora_run):
     assert not merged.is_lora
     assert not any("lora_" in key for key in merged.state_dict())
     np.testing.assert_allclose(merged.encode(DOCUMENTS), expected, atol=1e-5)
+
+
+def test_merged_export_of_a_lora_variant_falls_back_to_peft_merge(embedder, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+    model = DecoderEmbedder(get_peft_model(copy.deepcopy(embedder.model), config), tokenizer=embedder.tokenizer)
+    with torch.no_grad():  # DoRA starts with magnitudes equal to the column norms, where it equals plain LoRA
+        for name, parameter in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1.0 + torch.rand_like(parameter))
+    expected = model.encode(DOCUMENTS)
+    model.save_pretrained(tmp_path, max_seq_length=MAX_LENGTH)
+    reloaded = DecoderEmbedder.from_pretrained(tmp_path)
+    np.testing.assert_allclose(reloaded.encode(DOCUMENTS), expected, atol=1e-5)
+    assert model.is_lora
 
 
 # ------------------------------------------------------------------------------------------------ sentence-transformers

@@ -37,8 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BatchEncoding,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging
 
 from ark_hf.data.collator import tokenize_with_eos
@@ -156,7 +162,6 @@ class DecoderEmbedder(nn.Module):
     # The Trainer must not pass `num_items_in_batch`: the contrastive losses are means over queries.
     accepts_loss_kwargs = False
     supports_gradient_checkpointing = True
-    main_input_name = "input_ids"
 
     def __init__(
         self,
@@ -202,7 +207,9 @@ class DecoderEmbedder(nn.Module):
 
         if lora:
             if _is_peft_model(backbone):
-                raise ValueError("the backbone already carries peft adapters; pass lora=False to train them as they are")
+                raise ValueError(
+                    "the backbone already carries peft adapters; pass lora=False to train them as they are"
+                )
             from peft import LoraConfig, TaskType, get_peft_model
 
             lora_config = LoraConfig(
@@ -255,7 +262,9 @@ class DecoderEmbedder(nn.Module):
         Reentrant checkpointing breaks when one step runs the backbone twice (queries, then passages) under
         DDP, and with frozen inputs (LoRA) it would not backpropagate at all.
         """
-        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        kwargs = (
+            {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        )
         backbone = self.base_model
         if hasattr(backbone, "activation_checkpointing_enable"):
             backbone.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
@@ -413,7 +422,9 @@ class DecoderEmbedder(nn.Module):
         if any("modules_to_save" in key or "original_module" in key for key in source):
             return None
         lora_layers = {
-            name: module for name, module in self.model.get_base_model().named_modules() if isinstance(module, LoraLayer)
+            name: module
+            for name, module in self.model.get_base_model().named_modules()
+            if isinstance(module, LoraLayer)
         }
         for module in lora_layers.values():
             if not isinstance(module, LoraLinear) or any(module.lora_variant.values()):
@@ -494,7 +505,9 @@ class DecoderEmbedder(nn.Module):
                     "modules_to_save); save with merge_lora=False and merge the adapter folder afterwards"
                 )
             else:
-                logger.warning("Merging a LoRA variant through a copy of the model: this needs memory for a second model")
+                logger.warning(
+                    "Merging a LoRA variant through a copy of the model: this needs memory for a second model"
+                )
                 copy.deepcopy(self.model).merge_and_unload().save_pretrained(output_dir)
             for stale in (ADAPTER_CONFIG_NAME, "adapter_model.safetensors", "adapter_model.bin"):
                 if (output_dir / stale).is_file():
@@ -665,7 +678,9 @@ class DecoderEmbedder(nn.Module):
             result = set_peft_model_state_dict(self.model, load_checkpoint_weights(folder))
             missing = [key for key in result.missing_keys if "lora_" in key]
             if missing or result.unexpected_keys:
-                raise ValueError(f"{folder}: adapter mismatch, missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+                raise ValueError(
+                    f"{folder}: adapter mismatch, missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+                )
             return
         if (path / ADAPTER_CONFIG_NAME).is_file():
             raise ValueError(f"{path} holds LoRA adapters but this model has none")
