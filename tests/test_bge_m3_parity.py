@@ -19,14 +19,13 @@ in-batch negatives, so the two references agree where both exist.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from ark_hf.models.bge_m3 import COLBERT_FILE, SPARSE_FILE, BGEM3Model
 from ark_hf.trainer.bge_config import BGETrainerConfig
@@ -62,12 +61,13 @@ def m3_folder(tiny_xlmr_path, tmp_path_factory):
     """The tiny XLM-R with dropout off and non-trivial sparse/ColBERT head files (FlagEmbedding's layout)."""
     folder = tmp_path_factory.mktemp("m3_parity") / "model"
     shutil.copytree(tiny_xlmr_path, folder)
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config_file.write_text(json.dumps(config))
+    # Dropout off in the config; saved through AutoModel so that the pooler (which `AutoModel` adds to XLM-R and
+    # neither side uses) is on disk too, instead of being initialised differently by each load.
+    torch.manual_seed(0)
+    backbone = AutoModel.from_pretrained(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    backbone.save_pretrained(folder)
     generator = torch.Generator().manual_seed(7)
-    hidden = config["hidden_size"]
+    hidden = backbone.config.hidden_size
     colbert = nn.Linear(hidden, COLBERT_DIM)
     sparse = nn.Linear(hidden, 1)
     with torch.no_grad():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ark_hf.models.decoder import (
@@ -246,6 +247,21 @@ def test_merged_export_matches_adapter_model_and_leaves_it_untouched(lora_run, m
     assert model.is_lora
     for key, value in model.state_dict().items():
         assert torch.equal(value, state_before_save[key]), key
+
+
+def test_save_uses_a_given_state_dict(lora_run, embedder, tmp_path):
+    # the Trainer passes the gathered weights under DeepSpeed ZeRO-3; keys are this module's (`model.` prefix)
+    model, _ = lora_run
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    for key in state:
+        if "lora_B" in key:
+            state[key].zero_()  # a zero update: the merged weights must be the base weights
+    model.save_pretrained(tmp_path / "merged", state_dict=state)
+    reloaded = DecoderEmbedder.from_pretrained(tmp_path / "merged")
+    np.testing.assert_allclose(reloaded.encode(DOCUMENTS), embedder.encode(DOCUMENTS), atol=1e-5)
+    model.save_pretrained(tmp_path / "adapter", merge_lora=False, state_dict=state)
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(not tensor.any() for key, tensor in adapter.items() if "lora_B" in key)
 
 
 def test_adapter_save_and_reload(lora_run, tmp_path, embedder):

@@ -155,6 +155,7 @@ class DecoderEmbedder(nn.Module):
 
     Attributes:
         model: the backbone, a `peft.PeftModel` when LoRA is on.
+        backbone: the transformers model itself (under the peft wrapper when LoRA is on).
         tokenizer: the tokenizer.
         eos_token_id: the id appended to every text.
     """
@@ -199,6 +200,7 @@ class DecoderEmbedder(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(
                 str(tokenizer) if tokenizer is not None else name, trust_remote_code=trust_remote_code
             )
+        self.name_or_path = name
         self.tokenizer = tokenizer
         self.eos_token_id = resolve_eos_token_id(tokenizer)
         if tokenizer.pad_token_id is None:
@@ -235,10 +237,10 @@ class DecoderEmbedder(nn.Module):
     @property
     def config(self) -> PretrainedConfig:
         """The backbone's config (the Trainer and DeepSpeed read `hidden_size` and friends from it)."""
-        return self.base_model.config
+        return self.backbone.config
 
     @property
-    def base_model(self) -> PreTrainedModel:
+    def backbone(self) -> PreTrainedModel:
         """The transformers model under the peft wrapper (the backbone itself without LoRA)."""
         return self.model.get_base_model() if self.is_lora else self.model
 
@@ -265,7 +267,7 @@ class DecoderEmbedder(nn.Module):
         kwargs = (
             {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
         )
-        backbone = self.base_model
+        backbone = self.backbone
         if hasattr(backbone, "activation_checkpointing_enable"):
             backbone.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
         else:  # transformers before the rename
@@ -280,7 +282,7 @@ class DecoderEmbedder(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        backbone = self.base_model
+        backbone = self.backbone
         if hasattr(backbone, "activation_checkpointing_disable"):
             backbone.activation_checkpointing_disable()
         else:
@@ -288,13 +290,13 @@ class DecoderEmbedder(nn.Module):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        backbone = self.base_model
+        backbone = self.backbone
         if hasattr(backbone, "is_activation_checkpointing"):
             return bool(backbone.is_activation_checkpointing)
         return bool(getattr(backbone, "is_gradient_checkpointing", False))
 
     def enable_input_require_grads(self) -> None:
-        self.base_model.enable_input_require_grads()
+        self.backbone.enable_input_require_grads()
 
     # ----------------------------------------------------------------------------------------- encoding
     def tokenize(self, texts: list[str], max_length: int, pad_to_multiple_of: int | None = None) -> BatchEncoding:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 from transformers.utils import logging
 
 from ark_hf.data.collator import RetrievalCollator
@@ -36,6 +39,25 @@ logger = logging.get_logger(__name__)
 __all__ = ["BaseRetrieverTrainer", "OutputDirError", "NonFiniteLossError"]
 
 TRAINING_ARGS_NAME = "training_args.bin"
+TRAINER_STATE_NAME = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_tree(path: str) -> None:
+    """Flush every file and folder under `path` to disk (so a rename publishes complete files)."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class OutputDirError(FileExistsError):
@@ -318,6 +340,60 @@ class BaseRetrieverTrainer(Trainer):
             save_kwargs["state_dict"] = state_dict
         model.save_pretrained(output_dir, **save_kwargs)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write the checkpoint into `.tmp-checkpoint-N`, fsync, then rename it to `checkpoint-N`.
+
+        A process killed mid-save leaves only a `.tmp-` folder (ignored by resume and removed at the next
+        save), so the previous checkpoint stays the latest complete one; rotation (`save_total_limit`) runs
+        only after the new checkpoint is in place, so it never removes the only good checkpoint.
+        """
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final_dir = os.path.join(run_dir, name)
+        tmp_dir = os.path.join(run_dir, TMP_PREFIX + name)
+        if self.args.should_save:
+            for stale in Path(run_dir).glob(f"{TMP_PREFIX}{PREFIX_CHECKPOINT_DIR}-*") if os.path.isdir(run_dir) else []:
+                shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.save_model(tmp_dir, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(tmp_dir)
+            self._save_scaler(tmp_dir)
+            self._save_rng_state(tmp_dir)
+        best_strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        if self.args.save_strategy in best_strategies and self.state.best_global_step:
+            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == self.state.global_step or os.path.exists(best_dir):
+                self.state.best_model_checkpoint = best_dir
+        if self.args.should_save:
+            exportable = [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]
+            for callback in exportable:
+                callback_name = callback.__class__.__name__
+                if isinstance(self.state.stateful_callbacks.get(callback_name), list):
+                    self.state.stateful_callbacks[callback_name].append(callback.state())
+                else:
+                    self.state.stateful_callbacks[callback_name] = callback.state()
+            self.state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            fsync_tree(tmp_dir)
+            if os.path.isdir(final_dir):
+                shutil.rmtree(final_dir)
+            os.replace(tmp_dir, final_dir)
+            fsync_dir(run_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final_dir)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
