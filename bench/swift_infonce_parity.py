@@ -302,9 +302,7 @@ def run_duplicate(swift_fn, temperature):
     ls, gqs, gds, _ = loss_and_grads(lambda q, d: call_swift(swift_fn, q, d, env), queries, docs)
 
     def ark(h):
-        return lambda q, d: qwen3_infonce_loss(
-            q, d, G, temperature=temperature, margin=MARGIN, doc_hashes=h, **ark_kw
-        )
+        return lambda q, d: qwen3_infonce_loss(q, d, G, temperature=temperature, margin=MARGIN, doc_hashes=h, **ark_kw)
 
     lh, gqh, gdh, st_h = loss_and_grads(ark(hashes), queries, docs)
     ln, gqn, gdn, st_n = loss_and_grads(ark(None), queries, docs)
@@ -422,7 +420,9 @@ def _xdev_worker(local_rank, port, out_dir, temperature):
         bl = B // WORLD
         rows = slice(local_rank * bl, (local_rank + 1) * bl)
         drows = slice(local_rank * bl * G, (local_rank + 1) * bl * G)
-        res = _xdev_run(_xdev_losses(temperature), queries[rows], docs[drows], None, True, wrap=DistributedDataParallel)
+        res = _xdev_run(
+            _xdev_losses(temperature), queries[rows], docs[drows], None, True, wrap=DistributedDataParallel
+        )
         res["distributed_type"] = str(state.distributed_type)
         torch.save(res, Path(out_dir) / f"rank{local_rank}.pt")
     finally:
@@ -618,7 +618,10 @@ NOTES = [
     "global-batch gradient (tests/test_distributed.py and row h). Differences that remain: ms-swift's per-rank "
     "loss value is the global loss on every rank (ark_hf: each rank's own queries; the mean over ranks is the "
     "global loss), and every ms-swift rank computes the full global score matrix (W times the loss compute). "
-    "The Megatron path with `calculate_per_token_loss=True` skips the W factor because Megatron sums there.",
+    "The Megatron path with `calculate_per_token_loss=True` skips the W factor because Megatron sums there. "
+    "In training, ms-swift's `Trainer.compute_loss` calls transformers' `compute_loss` without "
+    "`num_items_in_batch`, so transformers' `average_tokens_across_devices` loss x num_processes does not "
+    "stack on top of the W factor (read from the code, not run).",
 ]
 
 

@@ -294,7 +294,8 @@ def _reference_loss(q, p, *, unified, self_distill, kd_loss_type, in_batch):
         columns = torch.arange(GROUP_SIZE).expand(batch_size, GROUP_SIZE)
     teacher = None
     if kd_loss_type is not None:
-        teacher = torch.softmax(torch.tensor(TEACHER_SCORES, dtype=torch.float64), dim=-1)
+        # the teacher distribution is an input: float32 scores as the collator gives them, softmax in float32
+        teacher = torch.softmax(torch.tensor(TEACHER_SCORES), dim=-1).double()
     losses = {k: _reference_head_loss(v, columns, teacher, kd_loss_type) for k, v in scores.items()}
     if not unified:
         return losses["dense"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import cached_file, logging
 
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverOutput
@@ -114,8 +115,12 @@ class BGEM3Model(nn.Module):
             if attn_implementation is not None:
                 load_kwargs["attn_implementation"] = attn_implementation
             backbone = AutoModel.from_pretrained(name, **load_kwargs)
-        if getattr(backbone.config, "is_decoder", False) and not getattr(backbone.config, "is_encoder_decoder", False):
-            logger.warning("%s is configured as a decoder; BGE-M3 expects a bidirectional encoder", self.name_or_path)
+        model_type = getattr(backbone.config, "model_type", "")
+        if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            raise ValueError(
+                f"{self.name_or_path} is a decoder ({model_type}); BGE-M3 needs a bidirectional encoder such as "
+                "XLM-R. Decoder embedders train with QwenTrainer / DecoderEmbedder."
+            )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name or backbone.config.name_or_path, trust_remote_code=trust_remote_code)
         self.model = backbone

@@ -68,10 +68,14 @@ class NonFiniteLossError(FloatingPointError):
     """A loss or loss component became NaN or infinite."""
 
 
-def check_output_dir(output_dir: str, *, overwrite: bool, resume_from_checkpoint: Any = None) -> None:
-    """Refuse a non-empty `output_dir` unless overwriting or resuming was asked for; check it is writable.
+def check_output_dir(
+    output_dir: str, *, overwrite: bool, resume_from_checkpoint: Any = None, required_bytes: int = 0
+) -> None:
+    """Refuse a non-empty `output_dir` unless overwriting or resuming was asked for; check it is writable and
+    that its file system has `required_bytes` free (one checkpoint).
 
-    Runs before anything is written, so a mistyped path never clobbers a finished model.
+    Runs before anything is written, so a mistyped path never clobbers a finished model and a full disk
+    fails now rather than at the first save, hours in.
     """
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
@@ -86,6 +90,39 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resume_from_checkpoint
     probe = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise OutputDirError(f"output_dir {output_dir}: {probe} is not writable")
+    free = shutil.disk_usage(probe).free
+    if required_bytes and free < required_bytes:
+        raise OutputDirError(
+            f"output_dir {output_dir}: {free / 2**30:.2f} GiB free on its file system, but one checkpoint needs "
+            f"about {required_bytes / 2**30:.2f} GiB"
+        )
+
+
+def checkpoint_bytes(model: nn.Module, args: TrainingArguments) -> int:
+    """Rough size of one checkpoint: weights, plus AdamW's two moments unless only the model is saved."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + (0 if args.save_only_model else 8 * trainable)
+
+
+def check_lengths_and_vocab(model: nn.Module, tokenizer: Any, args: TrainingArguments) -> None:
+    """Max lengths within the model's position limit and a tokenizer that fits the embedding matrix."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= config.pad_token_id + 1  # RoBERTa-style positions start after the padding index
+    for name in ("query_max_len", "passage_max_len"):
+        value = getattr(args, name, None)
+        if limit is not None and value is not None and value > limit:
+            raise ValueError(f"{name}={value} exceeds the model's position limit of {limit} tokens")
+    vocab = getattr(config, "vocab_size", None)
+    if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has {vocab} rows: "
+            "tokenizer and model do not belong together"
+        )
 
 
 class BaseRetrieverTrainer(Trainer):
@@ -161,6 +198,7 @@ class BaseRetrieverTrainer(Trainer):
         )
         if self.eval_dataset == "evaluator":
             self.eval_dataset = None
+        check_lengths_and_vocab(self.accelerator.unwrap_model(self.model), self.processing_class, self.args)
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
 
@@ -328,6 +366,7 @@ class BaseRetrieverTrainer(Trainer):
                 self.args.output_dir,
                 overwrite=getattr(self.args, "overwrite_output_dir", False),
                 resume_from_checkpoint=resume_from_checkpoint,
+                required_bytes=checkpoint_bytes(self.model, self.args),
             )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
