@@ -114,7 +114,10 @@ class BGEM3Model(nn.Module):
                 load_kwargs["dtype"] = torch_dtype
             if attn_implementation is not None:
                 load_kwargs["attn_implementation"] = attn_implementation
-            backbone = AutoModel.from_pretrained(name, **load_kwargs)
+            try:  # BERT-style encoders carry an unused pooler: leave it out (DDP would see unused parameters)
+                backbone = AutoModel.from_pretrained(name, add_pooling_layer=False, **load_kwargs)
+            except TypeError:
+                backbone = AutoModel.from_pretrained(name, **load_kwargs)
         model_type = getattr(backbone.config, "model_type", "")
         if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             raise ValueError(

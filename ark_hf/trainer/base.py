@@ -88,6 +88,8 @@ def check_output_dir(
             "resume_from_checkpoint to continue that run"
         )
     probe = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise OutputDirError(f"output_dir {output_dir}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK):
         raise OutputDirError(f"output_dir {output_dir}: {probe} is not writable")
     free = shutil.disk_usage(probe).free
@@ -185,6 +187,7 @@ class BaseRetrieverTrainer(Trainer):
         )
         if data_collator is None:
             data_collator = self.build_collator(processing_class, args)
+        check_lengths_and_vocab(model, processing_class, args)
 
         super().__init__(
             model=model,
@@ -198,7 +201,6 @@ class BaseRetrieverTrainer(Trainer):
         )
         if self.eval_dataset == "evaluator":
             self.eval_dataset = None
-        check_lengths_and_vocab(self.accelerator.unwrap_model(self.model), self.processing_class, self.args)
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
 
