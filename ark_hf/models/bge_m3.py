@@ -69,7 +69,8 @@ class BGEM3Model(nn.Module):
         unified_finetuning: Train all three heads. When False only the dense head is trained; heads
             found on disk are still loaded and saved back unchanged.
         colbert_dim: Output size of a freshly initialised ColBERT head (`-1`: the hidden size).
-        pooling: Dense pooling, one of `cls` (BGE-M3), `mean`, `last_token`.
+        pooling: Dense pooling, one of `cls` (BGE-M3), `mean`, `last_token`; `None` reads it from a folder saved
+            by ark_hf (`m3_heads.json`) and otherwise uses `cls`.
         normalize: L2-normalise dense and ColBERT vectors.
         init_missing_heads: What to do when the head files are missing and the heads are needed. False
             (default) raises `MissingHeadsError`; True starts them from random initialisation, the usual
@@ -88,7 +89,7 @@ class BGEM3Model(nn.Module):
         model_name_or_path: str | None = None,
         unified_finetuning: bool = True,
         colbert_dim: int = -1,
-        pooling: str = "cls",
+        pooling: str | None = None,
         normalize: bool = True,
         init_missing_heads: bool = False,
         torch_dtype: torch.dtype | str | None = None,
@@ -101,6 +102,8 @@ class BGEM3Model(nn.Module):
         name = model_name if model_name is not None else model_name_or_path
         if name is None and backbone is None:
             raise ValueError("BGEM3Model needs `model_name` (a Hub name or a local folder) or a `backbone`")
+        if pooling is None:
+            pooling = self._saved_info(name).get("pooling", "cls") if name is not None else "cls"
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.name_or_path = name if name is not None else backbone.config.name_or_path
@@ -168,12 +171,17 @@ class BGEM3Model(nn.Module):
         self.register_buffer("special_token_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
 
     @staticmethod
-    def _read_heads_info(path: str) -> bool:
+    def _saved_info(path: str) -> dict[str, Any]:
         info_file = _find_file(path, HEADS_INFO_FILE)
         if info_file is None:
-            return True  # released BGE-M3 checkpoints ship trained heads without our info file
+            return {}
         with open(info_file, encoding="utf-8") as handle:
-            trained = bool(json.load(handle).get("heads_trained", True))
+            return json.load(handle)
+
+    @classmethod
+    def _read_heads_info(cls, path: str) -> bool:
+        # released BGE-M3 checkpoints ship trained heads without our info file
+        trained = bool(cls._saved_info(path).get("heads_trained", True))
         if not trained:
             logger.warning("%s: the sparse and ColBERT heads in this folder were never trained", path)
         return trained
