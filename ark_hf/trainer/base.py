@@ -253,6 +253,7 @@ class BaseRetrieverTrainer(Trainer):
             corpus,
             qrels,
             modes=args.eval_modes,
+            weights=tuple(getattr(args, "eval_mode_weights", (1.0, 0.3, 1.0))),
             query_instruction=args.query_instruction,
             query_instruction_format=args.query_instruction_format,
             query_max_len=args.query_max_len,
