@@ -22,7 +22,20 @@ _LAZY = {
     "DataValidationError": "ark_hf.data.schema",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "BGEM3Model",
+    "BGETrainer",
+    "BGETrainerConfig",
+    "BaseRetrieverTrainer",
+    "CurriculumCallback",
+    "DataValidationError",
+    "DecoderEmbedder",
+    "IREvaluator",
+    "QwenTrainer",
+    "QwenTrainerConfig",
+    "create_qwen_trainer",
+    "load_training_records",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from ark_hf.callbacks.curriculum import CurriculumCallback

@@ -103,9 +103,7 @@ def build_qwen3_tokenizer():
         if len(token) == 1:
             continue
         local = [
-            (token[:i], token[i:], rank)
-            for i in range(1, len(token))
-            if token[:i] in ranks and token[i:] in ranks
+            (token[:i], token[i:], rank) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks
         ]
         local.sort(key=lambda x: (ranks[x[0]], ranks[x[1]]))
         merges.extend(local)

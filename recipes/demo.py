@@ -74,7 +74,9 @@ def make_config(output_dir: str, use_self_distill: bool, epochs: float, seed: in
 def table(results: dict[str, dict[str, float]]) -> str:
     lines = [f"{'mode':<14}" + "".join(f"{stage + ' ' + m:>22}" for stage in results for m in SHOWN)]
     for mode in MODES:
-        cells = "".join(f"{results[stage].get(f'{mode}_{m}', float('nan')):>22.4f}" for stage in results for m in SHOWN)
+        cells = "".join(
+            f"{results[stage].get(f'{mode}_{m}', float('nan')):>22.4f}" for stage in results for m in SHOWN
+        )
         lines.append(f"{mode:<14}{cells}")
     return "\n".join(lines)
 

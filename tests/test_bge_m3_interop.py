@@ -17,7 +17,7 @@ import torch
 from ark_hf.losses.m3 import M3Loss
 from ark_hf.models.bge_m3 import COLBERT_FILE, SPARSE_FILE, BGEM3Model, MissingHeadsError
 
-fe_inference = pytest.importorskip("FlagEmbedding.inference.embedder.encoder_only.m3")
+flag_embedding = pytest.importorskip("FlagEmbedding")
 fe_modeling = pytest.importorskip("FlagEmbedding.finetune.embedder.encoder_only.m3.modeling")
 fe_runner = pytest.importorskip("FlagEmbedding.finetune.embedder.encoder_only.m3.runner")
 
@@ -63,7 +63,7 @@ def reloaded(trained):
 
 @pytest.fixture(scope="module")
 def flag_model(trained):
-    return fe_inference.M3Embedder(str(trained[1]), use_fp16=False, devices="cpu")
+    return flag_embedding.BGEM3FlagModel(str(trained[1]), use_fp16=False, devices="cpu")
 
 
 def _ours(model: BGEM3Model, texts, **kwargs):
@@ -105,7 +105,9 @@ def test_from_pretrained_restores_every_weight_exactly(trained, reloaded):
 def test_flagembedding_encode_matches_ours(trained, reloaded, flag_model):
     model, _ = trained
     ours = _ours(reloaded, TEXTS)
-    _assert_same_outputs(flag_model.encode(TEXTS, return_dense=True, return_sparse=True, return_colbert_vecs=True), ours)
+    _assert_same_outputs(
+        flag_model.encode(TEXTS, return_dense=True, return_sparse=True, return_colbert_vecs=True), ours
+    )
     # the reloaded model is the trained one
     _assert_same_outputs(ours, _ours(model, TEXTS))
     # the repeated token keeps its largest weight, once
@@ -118,7 +120,9 @@ def test_flagembedding_encode_with_truncation_and_query_lengths(reloaded, flag_m
     ours = _ours(reloaded, TEXTS, max_length=6)
     _assert_same_outputs(short, ours)
     assert max(len(v) for v in ours["colbert_vecs"]) == 5  # 6 tokens minus CLS
-    queries = flag_model.encode_queries(TEXTS, max_length=8, return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    queries = flag_model.encode_queries(
+        TEXTS, max_length=8, return_dense=True, return_sparse=True, return_colbert_vecs=True
+    )
     _assert_same_outputs(queries, _ours(reloaded, TEXTS, max_length=8))
 
 

@@ -23,7 +23,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
@@ -99,7 +98,7 @@ def batch(tokenizer):
     return query, passages
 
 
-def _fe_model(folder, tokenizer, *, unified: bool, self_distill: bool, kd_loss_type: str | None, dtype: torch.dtype):
+def _fe_model(folder, tokenizer, *, unified, self_distill, kd_loss_type, dtype, pooling="cls"):
     base = fe_runner.EncoderOnlyEmbedderM3Runner.get_model(str(folder), colbert_dim=COLBERT_DIM)
     model = fe_modeling.EncoderOnlyEmbedderM3Model(
         base,
@@ -109,12 +108,26 @@ def _fe_model(folder, tokenizer, *, unified: bool, self_distill: bool, kd_loss_t
         unified_finetuning=unified,
         use_self_distill=self_distill,
         kd_loss_type=kd_loss_type or "m3_kd_loss",
+        sentence_pooling_method=pooling,
     )
     return model.to(dtype).train()
 
 
-def _ark_trainer(folder, tokenizer, tmp_path, *, unified, self_distill, kd_loss_type, in_batch, dtype) -> BGETrainer:
-    model = BGEM3Model(str(folder), unified_finetuning=unified, tokenizer=tokenizer).to(dtype).train()
+def _ark_trainer(
+    folder,
+    tokenizer,
+    tmp_path,
+    *,
+    unified,
+    self_distill,
+    kd_loss_type,
+    in_batch,
+    dtype,
+    preset="flagembedding",
+    pooling="cls",
+) -> BGETrainer:
+    model = BGEM3Model(str(folder), unified_finetuning=unified, tokenizer=tokenizer, pooling=pooling)
+    model = model.to(dtype).train()
     config = BGETrainerConfig(
         output_dir=str(tmp_path / "out"),
         use_cpu=True,
@@ -128,6 +141,7 @@ def _ark_trainer(folder, tokenizer, tmp_path, *, unified, self_distill, kd_loss_
         knowledge_distillation=kd_loss_type is not None,
         kd_loss_type=kd_loss_type or "m3_kd_loss",
         in_batch_negatives=in_batch,
+        loss_preset=preset,
     )
     return BGETrainer(model=model, args=config)
 
@@ -190,8 +204,32 @@ FE_CASES = [
 def test_loss_and_gradients_match_flagembedding(
     m3_folder, tokenizer, batch, tmp_path, unified, self_distill, kd_loss_type, in_batch, dtype
 ):
+    _check_against_flagembedding(
+        m3_folder, tokenizer, batch, tmp_path, unified, self_distill, kd_loss_type, in_batch, dtype
+    )
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last_token"])
+def test_other_dense_poolings_match_flagembedding(m3_folder, tokenizer, batch, tmp_path, pooling):
+    """Queries are right-padded, so last_token must find the last real token, not the last position."""
+    _check_against_flagembedding(
+        m3_folder, tokenizer, batch, tmp_path, True, True, "m3_kd_loss", True, torch.float64, pooling=pooling
+    )
+
+
+def _check_against_flagembedding(
+    m3_folder, tokenizer, batch, tmp_path, unified, self_distill, kd_loss_type, in_batch, dtype, pooling="cls"
+):
     query, passages = batch
-    fe = _fe_model(m3_folder, tokenizer, unified=unified, self_distill=self_distill, kd_loss_type=kd_loss_type, dtype=dtype)
+    fe = _fe_model(
+        m3_folder,
+        tokenizer,
+        unified=unified,
+        self_distill=self_distill,
+        kd_loss_type=kd_loss_type,
+        dtype=dtype,
+        pooling=pooling,
+    )
     trainer = _ark_trainer(
         m3_folder,
         tokenizer,
@@ -201,6 +239,7 @@ def test_loss_and_gradients_match_flagembedding(
         kd_loss_type=kd_loss_type,
         in_batch=in_batch,
         dtype=dtype,
+        pooling=pooling,
     )
     ours = trainer.model
     # identical starting weights, backbone and heads (FlagEmbedding has no heads when unified fine-tuning is off)
@@ -240,7 +279,14 @@ def _lexical(ids: torch.Tensor, weights: torch.Tensor) -> dict[int, torch.Tensor
     return out
 
 
-def _reference_scores(q, p) -> dict[str, torch.Tensor]:
+# (ensemble weights of s_dense, s_lex, s_mul; loss weights of L_dense, L_inter, L_lex, L_mul; self-distill weights)
+WEIGHTS = {
+    "flagembedding": ((1.0, 0.3, 1.0), (1.0, 1.0, 0.1, 1.0), (1.0, 0.1, 1.0)),  # FlagEmbedding's code
+    "paper": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),  # the paper's equations
+}
+
+
+def _reference_scores(q, p, ensemble_weights) -> dict[str, torch.Tensor]:
     """Score matrices [B, B*G] (each / temperature) of every head, by explicit loops over texts and tokens."""
     n_q, n_p = q.dense.size(0), p.dense.size(0)
     q_lex = [_lexical(q.input_ids[i], q.sparse_weights[i]) for i in range(n_q)]
@@ -260,7 +306,8 @@ def _reference_scores(q, p) -> dict[str, torch.Tensor]:
         mul.append(torch.stack(m_row))
     scores = {"dense": torch.stack(dense), "lex": torch.stack(lex), "mul": torch.stack(mul)}
     scores = {k: v / TEMPERATURE for k, v in scores.items()}
-    scores["inter"] = scores["dense"] + 0.3 * scores["lex"] + scores["mul"]
+    w_dense, w_lex, w_mul = ensemble_weights
+    scores["inter"] = w_dense * scores["dense"] + w_lex * scores["lex"] + w_mul * scores["mul"]
     return scores
 
 
@@ -287,11 +334,12 @@ def _reference_head_loss(scores, columns, teacher_probs, kd_loss_type):
     return total
 
 
-def _reference_loss(q, p, *, unified, self_distill, kd_loss_type, in_batch):
+def _reference_loss(q, p, *, unified, self_distill, kd_loss_type, in_batch, preset="flagembedding"):
+    ensemble_weights, (a_dense, a_inter, a_lex, a_mul), (b_dense, b_lex, b_mul) = WEIGHTS[preset]
     batch_size = q.dense.size(0)
     group = torch.arange(batch_size)[:, None] * GROUP_SIZE + torch.arange(GROUP_SIZE)[None, :]
     if unified:
-        scores = _reference_scores(q, p)
+        scores = _reference_scores(q, p, ensemble_weights)
     else:
         scores = {"dense": (q.dense @ p.dense.T) / TEMPERATURE}
     if in_batch:
@@ -306,33 +354,38 @@ def _reference_loss(q, p, *, unified, self_distill, kd_loss_type, in_batch):
     losses = {k: _reference_head_loss(v, columns, teacher, kd_loss_type) for k, v in scores.items()}
     if not unified:
         return losses["dense"]
-    loss = (losses["dense"] + losses["inter"] + 0.1 * losses["lex"] + losses["mul"]) / 4
+    loss = (a_dense * losses["dense"] + a_inter * losses["inter"] + a_lex * losses["lex"] + a_mul * losses["mul"]) / 4
     if self_distill:
         target = torch.softmax(scores["inter"].detach(), dim=-1)
 
         def cross_entropy(student):
             return -(target * student.log_softmax(dim=-1)).sum(-1).mean()
 
-        distill = (cross_entropy(scores["dense"]) + 0.1 * cross_entropy(scores["lex"]) + cross_entropy(scores["mul"])) / 3
+        distill = (
+            b_dense * cross_entropy(scores["dense"])
+            + b_lex * cross_entropy(scores["lex"])
+            + b_mul * cross_entropy(scores["mul"])
+        ) / 3
         loss = (loss + distill) / 2
     return loss
 
 
 REFERENCE_CASES = [
-    # (unified, self_distill, kd_loss_type)
-    pytest.param(True, False, None, id="unified"),
-    pytest.param(True, True, None, id="unified-self_distill"),
-    pytest.param(False, False, "m3_kd_loss", id="dense-m3_kd_loss"),
-    pytest.param(True, False, "m3_kd_loss", id="unified-m3_kd_loss"),
-    pytest.param(True, True, "m3_kd_loss", id="unified-self_distill-m3_kd_loss"),
-    pytest.param(True, True, "kl_div", id="unified-self_distill-kl_div"),
+    # (unified, self_distill, kd_loss_type, preset)
+    pytest.param(True, False, None, "flagembedding", id="unified"),
+    pytest.param(True, True, None, "flagembedding", id="unified-self_distill"),
+    pytest.param(False, False, "m3_kd_loss", "flagembedding", id="dense-m3_kd_loss"),
+    pytest.param(True, False, "m3_kd_loss", "flagembedding", id="unified-m3_kd_loss"),
+    pytest.param(True, True, "m3_kd_loss", "flagembedding", id="unified-self_distill-m3_kd_loss"),
+    pytest.param(True, True, "kl_div", "flagembedding", id="unified-self_distill-kl_div"),
+    pytest.param(True, True, "m3_kd_loss", "paper", id="paper_weights-unified-self_distill-m3_kd_loss"),
 ]
 
 
 @pytest.mark.parametrize("in_batch", [False, True], ids=["no_in_batch", "in_batch"])
-@pytest.mark.parametrize(("unified", "self_distill", "kd_loss_type"), REFERENCE_CASES)
+@pytest.mark.parametrize(("unified", "self_distill", "kd_loss_type", "preset"), REFERENCE_CASES)
 def test_loss_and_gradients_match_float64_rederivation(
-    m3_folder, tokenizer, batch, tmp_path, unified, self_distill, kd_loss_type, in_batch
+    m3_folder, tokenizer, batch, tmp_path, unified, self_distill, kd_loss_type, preset, in_batch
 ):
     trainer = _ark_trainer(
         m3_folder,
@@ -343,6 +396,7 @@ def test_loss_and_gradients_match_float64_rederivation(
         kd_loss_type=kd_loss_type,
         in_batch=in_batch,
         dtype=torch.float64,
+        preset=preset,
     )
     model = trainer.model
     loss = _ark_loss(trainer, batch, kd_loss_type)
@@ -355,7 +409,13 @@ def test_loss_and_gradients_match_float64_rederivation(
     out = model(query=dict(query), passages=dict(passages))
     model.unified_finetuning = unified
     reference = _reference_loss(
-        out.query, out.passages, unified=unified, self_distill=self_distill, kd_loss_type=kd_loss_type, in_batch=in_batch
+        out.query,
+        out.passages,
+        unified=unified,
+        self_distill=self_distill,
+        kd_loss_type=kd_loss_type,
+        in_batch=in_batch,
+        preset=preset,
     )
     reference.backward()
     torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-10, atol=1e-10)
@@ -369,7 +429,9 @@ def test_loss_and_gradients_match_float64_rederivation(
 
 def test_rederivation_sees_what_flagembedding_gets_wrong(m3_folder, tokenizer, batch):
     """Own-group negatives + m3_kd_loss: FlagEmbedding indexes a [B, G] matrix with in-batch labels (b * G)."""
-    fe = _fe_model(m3_folder, tokenizer, unified=False, self_distill=False, kd_loss_type="m3_kd_loss", dtype=torch.float64)
+    fe = _fe_model(
+        m3_folder, tokenizer, unified=False, self_distill=False, kd_loss_type="m3_kd_loss", dtype=torch.float64
+    )
     query, passages = batch
     with pytest.raises(IndexError):
         fe(

@@ -22,7 +22,9 @@ def write(tmp_path: Path, text: str) -> str:
 
 def test_yaml_values_and_cli_overrides(tmp_path):
     path = write(tmp_path, "temperature: 0.05\nuse_self_distill: true\nlearning_rate: 2.0e-5\ntrain_data: a.jsonl\n")
-    config = parse_config(BGETrainerConfig, ["--config", path, "--output_dir", str(tmp_path / "o"), "--learning_rate", "3e-6"])
+    config = parse_config(
+        BGETrainerConfig, ["--config", path, "--output_dir", str(tmp_path / "o"), "--learning_rate", "3e-6"]
+    )
     assert config.temperature == 0.05
     assert config.use_self_distill is True
     assert config.learning_rate == 3e-6  # the command line wins
@@ -31,7 +33,9 @@ def test_yaml_values_and_cli_overrides(tmp_path):
 
 def test_every_shipped_config_parses():
     for path in sorted((ROOT / "recipes" / "configs").glob("bge_m3*.yaml")):
-        config = parse_config(BGETrainerConfig, ["--config", str(path), "--output_dir", "/tmp/unused", "--bf16", "false"])
+        config = parse_config(
+            BGETrainerConfig, ["--config", str(path), "--output_dir", "/tmp/unused", "--bf16", "false"]
+        )
         assert config.model_name_or_path or path.name == "bge_m3_cpu_demo.yaml"
 
 

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bge_m3_recipe_on_real_model_and_data(tmp_path):
     rows = load_faq("en")
     train, dev = rows[:64], rows[64:84]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"query": r["q"], "pos": [r["a"]]}) + "\n" for r in train))
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"query": r["q"], "pos": [r["a"]]}) + "\n" for r in train)
+    )
     (tmp_path / "dev.jsonl").write_text("".join(json.dumps({"query": r["q"], "pos": [r["a"]]}) + "\n" for r in dev))
     out = tmp_path / "out"
     command = [

@@ -35,7 +35,9 @@ METRICS: dict[str, Any] = {
 MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
 
 
-def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+def compute_metrics(
+    qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
     """Aggregate METRICS of a run (`qid -> {doc_id: score}`) against qrels (`qid -> {doc_id: relevance}`)."""
     aggregated = ir_measures.calc_aggregate(list(METRICS.values()), qrels, run)
     return {key: float(aggregated[measure]) for key, measure in METRICS.items()}
@@ -90,7 +92,9 @@ class IREvaluator:
         self.query_ids = [q for q in queries if q in qrels]
         if not self.query_ids:
             raise ValueError("no query of the evaluation set has qrels")
-        self.queries = [format_instruction(queries[q], query_instruction, query_instruction_format) for q in self.query_ids]
+        self.queries = [
+            format_instruction(queries[q], query_instruction, query_instruction_format) for q in self.query_ids
+        ]
         self.doc_ids = list(corpus)
         self.corpus = [corpus[d] for d in self.doc_ids]
         self.qrels = {q: dict(qrels[q]) for q in self.query_ids}

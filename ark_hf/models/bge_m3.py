@@ -128,7 +128,9 @@ class BGEM3Model(nn.Module):
                 "XLM-R. Decoder embedders train with QwenTrainer / DecoderEmbedder."
             )
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(name or backbone.config.name_or_path, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                name or backbone.config.name_or_path, trust_remote_code=trust_remote_code
+            )
         self.model = backbone
         self.tokenizer = tokenizer
         self.config = backbone.config
@@ -195,7 +197,9 @@ class BGEM3Model(nn.Module):
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
         """Non-reentrant by default: several forward passes per step then work under DDP."""
-        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        kwargs = (
+            {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        )
         self.model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
@@ -351,7 +355,9 @@ class BGEM3Model(nn.Module):
             scores["sparse"] = [
                 self.lexical_matching_score(a, b) for a, b in zip(q_out["lexical_weights"], p_out["lexical_weights"])
             ]
-            scores["colbert"] = [self.colbert_score(a, b) for a, b in zip(q_out["colbert_vecs"], p_out["colbert_vecs"])]
+            scores["colbert"] = [
+                self.colbert_score(a, b) for a, b in zip(q_out["colbert_vecs"], p_out["colbert_vecs"])
+            ]
             scores["sparse+dense"] = [
                 (w_dense * d + w_sparse * s) / (w_dense + w_sparse) for d, s in zip(scores["dense"], scores["sparse"])
             ]
@@ -403,9 +409,21 @@ class BGEM3Model(nn.Module):
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         ]
         if self.normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
             (output_dir / "2_Normalize").mkdir(exist_ok=True)
-        pooling = {f"pooling_mode_{mode}": False for mode in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")}
+        pooling = {
+            f"pooling_mode_{mode}": False
+            for mode in (
+                "cls_token",
+                "mean_tokens",
+                "max_tokens",
+                "mean_sqrt_len_tokens",
+                "weightedmean_tokens",
+                "lasttoken",
+            )
+        }
         pooling[f"pooling_mode_{pooling_modes[self.pooling]}"] = True
         pooling["word_embedding_dimension"] = self.config.hidden_size
         pooling["include_prompt"] = True

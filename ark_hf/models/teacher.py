@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from transformers import AutoConfig
-from transformers.utils import logging
+from transformers.utils import cached_file, logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["TeacherScorer"]
+__all__ = ["TeacherScorer", "detect_teacher_kind"]
+
+
+def _find_file(path: str, filename: str) -> str | None:
+    if os.path.isdir(path):
+        candidate = os.path.join(path, filename)
+        return candidate if os.path.isfile(candidate) else None
+    return cached_file(
+        path, filename, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
+    )
+
+
+def detect_teacher_kind(model_name_or_path: str, trust_remote_code: bool = False) -> str:
+    """`"cross-encoder"` or `"bi-encoder"`, from the sentence-transformers files or else the architecture.
+
+    sentence-transformers >= 5 saves cross-encoders with `modules.json` too, so that file alone does not make a
+    bi-encoder: its `config_sentence_transformers.json` says `"model_type": "CrossEncoder"`.
+    """
+    st_config_file = _find_file(model_name_or_path, "config_sentence_transformers.json")
+    if st_config_file is not None:
+        with open(st_config_file, encoding="utf-8") as handle:
+            model_type = json.load(handle).get("model_type")
+        if model_type == "CrossEncoder":
+            return "cross-encoder"
+        if model_type is not None:
+            return "bi-encoder"
+    if _find_file(model_name_or_path, "modules.json") is not None:
+        return "bi-encoder"
+    architectures = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).architectures
+    return "cross-encoder" if any("SequenceClassification" in a for a in architectures or []) else "bi-encoder"
 
 
 class TeacherScorer:
@@ -22,7 +52,7 @@ class TeacherScorer:
 
     Args:
         model_name_or_path: Hub name or local folder.
-        kind: `"cross-encoder"`, `"bi-encoder"`, or `"auto"` (from the model's architecture).
+        kind: `"cross-encoder"`, `"bi-encoder"`, or `"auto"` (see `detect_teacher_kind`).
         max_length: maximum tokens per pair (cross-encoder) or text (bi-encoder).
         batch_size: pairs or texts per forward pass.
         device: where the teacher runs (the student's device by default).
@@ -40,10 +70,7 @@ class TeacherScorer:
         trust_remote_code: bool = False,
     ) -> None:
         if kind == "auto":
-            architectures = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).architectures
-            is_cross = any("SequenceClassification" in a for a in architectures or [])
-            has_st_modules = os.path.isfile(os.path.join(model_name_or_path, "modules.json"))
-            kind = "cross-encoder" if is_cross and not has_st_modules else "bi-encoder"
+            kind = detect_teacher_kind(model_name_or_path, trust_remote_code=trust_remote_code)
         if kind not in ("cross-encoder", "bi-encoder"):
             raise ValueError(f"teacher kind must be 'cross-encoder', 'bi-encoder' or 'auto', got {kind!r}")
         self.kind = kind
@@ -81,7 +108,11 @@ class TeacherScorer:
                 show_progress_bar=False,
             )
         else:
-            q = self.model.encode(queries, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True)
-            p = self.model.encode(passages, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True)
+            q = self.model.encode(
+                queries, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True
+            )
+            p = self.model.encode(
+                passages, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True
+            )
             scores = (q.repeat_interleave(group, dim=0) * p).sum(-1)
         return scores.float().view(len(queries), group)

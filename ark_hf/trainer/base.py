@@ -355,7 +355,11 @@ class BaseRetrieverTrainer(Trainer):
         return metrics
 
     def prediction_step(
-        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, None, None]:
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
@@ -397,7 +401,9 @@ class BaseRetrieverTrainer(Trainer):
         final_dir = os.path.join(run_dir, name)
         tmp_dir = os.path.join(run_dir, TMP_PREFIX + name)
         if self.args.should_save:
-            for stale in Path(run_dir).glob(f"{TMP_PREFIX}{PREFIX_CHECKPOINT_DIR}-*") if os.path.isdir(run_dir) else []:
+            for stale in (
+                Path(run_dir).glob(f"{TMP_PREFIX}{PREFIX_CHECKPOINT_DIR}-*") if os.path.isdir(run_dir) else []
+            ):
                 shutil.rmtree(stale, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.save_model(tmp_dir, _internal_call=True)
@@ -411,7 +417,9 @@ class BaseRetrieverTrainer(Trainer):
             if self.state.best_global_step == self.state.global_step or os.path.exists(best_dir):
                 self.state.best_model_checkpoint = best_dir
         if self.args.should_save:
-            exportable = [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]
+            exportable = [
+                c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)
+            ]
             for callback in exportable:
                 callback_name = callback.__class__.__name__
                 if isinstance(self.state.stateful_callbacks.get(callback_name), list):

@@ -103,7 +103,9 @@ class RetrieverConfig(TrainingArguments):
     eval_batch_size_encode: int = field(default=64, metadata={"help": "Batch size when encoding the eval corpus."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow training into a non-empty output_dir that holds another run (files may be replaced)."},
+        metadata={
+            "help": "Allow training into a non-empty output_dir that holds another run (files may be replaced)."
+        },
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the retrieval collator builds the batches itself."}

@@ -99,7 +99,8 @@ class BGETrainerConfig(RetrieverConfig):
     )
     fix_encoder: bool = field(default=False, metadata={"help": "Freeze the encoder; train the sparse/ColBERT heads."})
     knowledge_distillation: bool = field(
-        default=False, metadata={"help": "Distil teacher scores (pos_scores/neg_scores in the data, or teacher_model)."}
+        default=False,
+        metadata={"help": "Distil teacher scores (pos_scores/neg_scores in the data, or teacher_model)."},
     )
     kd_loss_type: str = field(
         default="m3_kd_loss",
@@ -107,14 +108,19 @@ class BGETrainerConfig(RetrieverConfig):
     )
     teacher_model: str | None = field(
         default=None,
-        metadata={"help": "Online teacher: a cross-encoder (sequence classification) or a sentence-transformers model."},
+        metadata={
+            "help": "Online teacher: a cross-encoder (sequence classification) or a sentence-transformers model."
+        },
     )
     teacher_temperature: float = field(
         default=1.0, metadata={"help": "Teacher distribution: softmax(teacher_scores / teacher_temperature)."}
     )
     eval_mode_weights: list[float] = field(
         default_factory=lambda: [1.0, 0.3, 1.0],
-        metadata={"help": "Weights (dense, sparse, colbert) of the dense+sparse and all evaluation modes.", "nargs": 3},
+        metadata={
+            "help": "Weights (dense, sparse, colbert) of the dense+sparse and all evaluation modes.",
+            "nargs": 3,
+        },
     )
     teacher_max_len: int = field(default=512, metadata={"help": "Maximum (query, passage) length for the teacher."})
     teacher_batch_size: int = field(default=64, metadata={"help": "Pairs per teacher forward pass."})
@@ -131,8 +137,14 @@ class BGETrainerConfig(RetrieverConfig):
             raise ValueError("fix_encoder trains only the sparse/ColBERT heads, so it needs unified_finetuning=True")
         if self.teacher_model and not self.knowledge_distillation:
             raise ValueError("teacher_model is set but knowledge_distillation=False; set knowledge_distillation=True")
+        if self.negatives_cross_device and not self.in_batch_negatives:
+            raise ValueError(
+                "negatives_cross_device needs in_batch_negatives=True (own-group scoring has no other negatives)"
+            )
         if len(self.eval_mode_weights) != 3:
-            raise ValueError(f"eval_mode_weights needs 3 values (dense, sparse, colbert), got {self.eval_mode_weights}")
+            raise ValueError(
+                f"eval_mode_weights needs 3 values (dense, sparse, colbert), got {self.eval_mode_weights}"
+            )
         if self.knowledge_distillation and self.train_group_size < 2:
             raise ValueError("knowledge_distillation needs train_group_size >= 2 (a teacher ranks a group)")
 

@@ -58,7 +58,9 @@ class BGETrainer(BaseRetrieverTrainer):
         ```
     """
 
-    def __init__(self, model: BGEM3Model | None = None, args: BGETrainerConfig | None = None, *pargs: Any, **kwargs: Any):
+    def __init__(
+        self, model: BGEM3Model | None = None, args: BGETrainerConfig | None = None, *pargs: Any, **kwargs: Any
+    ):
         config = args if args is not None else kwargs.get("config")
         if config is None:
             raise ValueError("BGETrainer needs a BGETrainerConfig (`args=` or `config=`)")
@@ -70,6 +72,15 @@ class BGETrainer(BaseRetrieverTrainer):
             model.freeze_encoder()
         if config.unified_finetuning and not model.has_heads:
             raise ValueError("unified_finetuning needs the sparse and ColBERT heads; build the model with heads")
+        if getattr(model, "unified_finetuning", config.unified_finetuning) != config.unified_finetuning:
+            # The config decides the objective. A model built with the other setting would skip the heads in
+            # training while the loss needs them (or compute heads that nothing trains).
+            logger.warning(
+                "the model was built with unified_finetuning=%s but the config says %s; using the config's value",
+                model.unified_finetuning,
+                config.unified_finetuning,
+            )
+            model.unified_finetuning = config.unified_finetuning
         preset = config.loss_weights_preset
         self.loss_fn = M3Loss(
             temperature=config.temperature,

@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
     """Python types a YAML value may have for a dataclass field annotation (None: not checked)."""
     if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {})  # dataclass annotations under `from __future__ import annotations`
+        annotation = eval(
+            annotation, vars(typing), {}
+        )  # dataclass annotations under `from __future__ import annotations`
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         allowed: list[type] = []
