@@ -269,3 +269,30 @@ def test_bad_training_data_fails_before_the_model_loads(tmp_path):
             use_cpu=True,
         )
     assert not out.exists()
+
+
+def test_shipped_qwen3_configs_parse(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from ark_hf.callbacks.curriculum import load_stage_plan
+    from ark_hf.utils.cli import parse_config
+
+    configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    common = ["--output_dir", str(tmp_path / "o"), "--bf16", "false", "--use_cpu"]
+    full = parse_config(QwenTrainerConfig, ["--config", str(configs / "qwen3_full.yaml"), *common])
+    assert full.model_name_or_path == "Qwen/Qwen3-Embedding-0.6B" and full.learning_rate == 6e-6 and not full.lora
+    lora = parse_config(QwenTrainerConfig, ["--config", str(configs / "qwen3_lora.yaml"), *common])
+    assert lora.lora and (lora.lora_r, lora.lora_alpha, lora.learning_rate) == (8, 32, 5e-5)
+    # the stage plan names example files (relative to the working directory): create them, then it parses
+    monkeypatch.chdir(tmp_path)
+    for name in ("stage1_pairs.jsonl", "stage2_supervised.jsonl", "stage2_synthetic_filtered.jsonl"):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / name).write_text("", encoding="utf-8")
+    stages_file = str(configs / "qwen3_stages.yaml")
+    curriculum = parse_config(
+        QwenTrainerConfig, ["--config", str(configs / "qwen3_curriculum.yaml"), "--curriculum", stages_file, *common]
+    )
+    assert curriculum.curriculum == stages_file and curriculum.max_steps == -1
+    stages = load_stage_plan(stages_file)
+    assert [stage.name for stage in stages] == ["weak_pairs", "supervised", "merge"]
+    assert stages[-1].merge.method == "slerp" and stages[-1].merge.last_n == 3

@@ -136,6 +136,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tiny_xlmr_path, tmp_path):
     data = write_records(tmp_path / "train.jsonl")
     out = tmp_path / "run"

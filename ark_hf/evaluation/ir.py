@@ -12,10 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ir_measures
 import numpy as np
 import torch
-from scipy import sparse as sp
 from transformers.utils import logging
 
 from ark_hf.data.dataset import format_instruction
@@ -24,14 +22,7 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["IREvaluator", "METRICS", "compute_metrics", "load_ir_data"]
 
-# our key -> ir-measures measure
-METRICS: dict[str, Any] = {
-    "ndcg@10": ir_measures.nDCG @ 10,
-    "mrr@10": ir_measures.RR @ 10,
-    "recall@10": ir_measures.R @ 10,
-    "recall@100": ir_measures.R @ 100,
-    "map": ir_measures.AP,
-}
+METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map")
 MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
 
 
@@ -39,8 +30,17 @@ def compute_metrics(
     qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
 ) -> dict[str, float]:
     """Aggregate METRICS of a run (`qid -> {doc_id: score}`) against qrels (`qid -> {doc_id: relevance}`)."""
-    aggregated = ir_measures.calc_aggregate(list(METRICS.values()), qrels, run)
-    return {key: float(aggregated[measure]) for key, measure in METRICS.items()}
+    import ir_measures  # imported here: training without evaluation does not need it
+
+    measures = {
+        "ndcg@10": ir_measures.nDCG @ 10,
+        "mrr@10": ir_measures.RR @ 10,
+        "recall@10": ir_measures.R @ 10,
+        "recall@100": ir_measures.R @ 100,
+        "map": ir_measures.AP,
+    }
+    aggregated = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
+    return {key: float(aggregated[measure]) for key, measure in measures.items()}
 
 
 def load_ir_data(path: str | Path) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
@@ -130,7 +130,9 @@ class IREvaluator:
         return {"dense": torch.cat(dense), "lexical": lexical, "colbert": colbert}
 
     @staticmethod
-    def _lexical_matrix(entries: list[dict[int, float]]) -> sp.csr_matrix:
+    def _lexical_matrix(entries: list[dict[int, float]]) -> Any:
+        from scipy import sparse as sp
+
         rows, cols, vals = [], [], []
         for row, entry in enumerate(entries):
             rows.extend([row] * len(entry))
