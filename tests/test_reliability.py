@@ -190,3 +190,41 @@ def test_qwen_resume_reproduces_the_uninterrupted_losses(tiny_qwen3_path, tmp_pa
     assert len(expected) == 6
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+
+
+def test_nan_policy_skip_drops_the_batch_and_trains_on(tiny_xlmr_path, tmp_path, caplog):
+    data = write_records(tmp_path / "train.jsonl")
+    trainer = build(tiny_xlmr_path, make_config(tmp_path / "out", save_strategy="no", nan_policy="skip"), data)
+    original = trainer.loss_fn.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, components = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            loss = loss * float("nan")
+        return loss, components
+
+    trainer.loss_fn.forward = poisoned
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert any("non-finite loss at step 2" in r.message and "batch skipped" in r.message for r in caplog.records)
+    skipped = [h["skipped_batches"] for h in trainer.state.log_history if "skipped_batches" in h]
+    assert skipped == [1.0]
+    finite = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(v == v for v in finite)  # no NaN reached the logs or the weights
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_final_save_is_complete_and_leaves_no_temporary_folder(tiny_xlmr_path, tmp_path):
+    data = write_records(tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    trainer = build(tiny_xlmr_path, make_config(out, save_strategy="no", max_steps=1), data)
+    trainer.train()
+    (out / "colbert_linear.pt").write_bytes(b"stale")  # an older file of the same name is replaced whole
+    trainer.save_model()
+    assert not any(name.startswith(".tmp-") for name in os.listdir(out))
+    reloaded = BGEM3Model.from_pretrained(str(out))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for a, b in zip(reloaded.colbert_linear.parameters(), model.colbert_linear.parameters()):
+        assert torch.equal(a, b.detach())

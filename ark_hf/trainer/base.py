@@ -68,6 +68,10 @@ class NonFiniteLossError(FloatingPointError):
     """A loss or loss component became NaN or infinite."""
 
 
+class _SkipBatch(Exception):
+    """Raised inside `compute_loss` under `nan_policy='skip'`; `training_step` drops the batch."""
+
+
 def check_output_dir(
     output_dir: str, *, overwrite: bool, resume_from_checkpoint: Any = None, required_bytes: int = 0
 ) -> None:
@@ -317,16 +321,37 @@ class BaseRetrieverTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def check_finite(self, loss: torch.Tensor, components: dict[str, torch.Tensor], inputs: dict[str, Any]) -> None:
-        """Stop at the first NaN/inf with the step, the component and the records of the batch."""
+        """Stop (or skip the batch) at a NaN/inf, naming the step, the component and the records of the batch."""
         values = {"loss": loss.detach(), **components}
         bad = [name for name, value in values.items() if not math.isfinite(float(value))]
-        if bad:
-            ids = inputs.get("record_ids") or []
-            shown = ", ".join(str(i) for i in ids[:20]) + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.global_step + 1}: component(s) {', '.join(bad)} = "
-                f"{', '.join(str(float(values[b])) for b in bad)}; records in the batch: {shown}"
-            )
+        skip = getattr(self.args, "nan_policy", "stop") == "skip" and self.model.training
+        if skip and self.accelerator.num_processes > 1:
+            # every process must drop the same step, or the gradient all-reduce would wait forever
+            flag = torch.tensor(float(bool(bad)), device=self.args.device)
+            if float(self.accelerator.reduce(flag, reduction="sum")) > 0 and not bad:
+                raise _SkipBatch("another process saw a non-finite loss")
+        if not bad:
+            return
+        ids = inputs.get("record_ids") or []
+        shown = ", ".join(str(i) for i in ids[:20]) + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
+        message = (
+            f"non-finite loss at step {self.state.global_step + 1}: component(s) {', '.join(bad)} = "
+            f"{', '.join(str(float(values[b])) for b in bad)}; records in the batch: {shown}"
+        )
+        if skip:
+            logger.warning("%s; batch skipped (nan_policy='skip')", message)
+            raise _SkipBatch(message)
+        raise NonFiniteLossError(message)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except _SkipBatch:
+            self._component_sums["skipped_batches"] += 1.0
+            self._component_counts["skipped_batches"] = 1  # logged as a count per logging window
+            return torch.zeros((), device=self.args.device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_counts:
@@ -386,6 +411,34 @@ class BaseRetrieverTrainer(Trainer):
             save_kwargs["state_dict"] = state_dict
         model.save_pretrained(output_dir, **save_kwargs)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the final model: written complete into `.tmp-model`, fsynced, then each file renamed into place.
+
+        No file in `output_dir` is ever half-written; a process killed before the renames leaves the previous
+        files untouched (checkpoints take the same care in `_save_checkpoint`).
+        """
+        if _internal_call:  # a checkpoint: `_save_checkpoint` already writes into a temporary folder
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        tmp_dir = os.path.join(output_dir, TMP_PREFIX + "model")
+        if self.args.should_save and os.path.isdir(tmp_dir):
+            shutil.rmtree(tmp_dir)
+        self.accelerator.wait_for_everyone()
+        super().save_model(tmp_dir, _internal_call=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            fsync_tree(tmp_dir)
+            for entry in sorted(os.listdir(tmp_dir)):
+                target = os.path.join(output_dir, entry)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(tmp_dir, entry), target)
+            os.rmdir(tmp_dir)
+            fsync_dir(output_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save")
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Write the checkpoint into `.tmp-checkpoint-N`, fsync, then rename it to `checkpoint-N`.

@@ -80,6 +80,14 @@ class RetrieverConfig(TrainingArguments):
     max_validation_errors: int = field(
         default=20, metadata={"help": "How many data errors to list before stopping the count."}
     )
+    nan_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "On a NaN/inf loss: 'stop' raises with the step, the loss component and the batch's records; "
+            "'skip' logs the same and drops the batch (no backward; every process skips it together).",
+            "choices": ["stop", "skip"],
+        },
+    )
     same_dataset_within_batch: bool = field(
         default=False, metadata={"help": "Draw every batch from a single source file."}
     )
@@ -119,5 +127,7 @@ class RetrieverConfig(TrainingArguments):
         for name in ("query_max_len", "passage_max_len"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.same_dataset_within_batch and self.no_duplicates_in_batch:
             raise ValueError("choose one of same_dataset_within_batch and no_duplicates_in_batch")
