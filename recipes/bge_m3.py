@@ -9,6 +9,8 @@ Multi GPU (DDP) / DeepSpeed ZeRO-2 / ZeRO-3 / FSDP:
         --config recipes/configs/bge_m3_unified_self_distill.yaml --train_data data/train.jsonl --output_dir out/m3
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/bge_m3.py --config ...
 
+On CPU, `torchrun --nproc_per_node 2 recipes/bge_m3.py ...` runs two processes over gloo (tests use it).
+
 Any field of `BGETrainerConfig` (and of `TrainingArguments`) can be set in the YAML file or overridden on
 the command line (`--learning_rate 5e-6`); unknown keys are errors. `--help` lists every option.
 """
