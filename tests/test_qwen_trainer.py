@@ -296,3 +296,39 @@ def test_shipped_qwen3_configs_parse(tmp_path, monkeypatch):
     stages = load_stage_plan(stages_file)
     assert [stage.name for stage in stages] == ["weak_pairs", "supervised", "merge"]
     assert stages[-1].merge.method == "slerp" and stages[-1].merge.last_n == 3
+
+
+def test_per_dataset_and_per_record_instructions(tiny_qwen3_path, tmp_path):
+    from ark_hf import QwenTrainer, QwenTrainerConfig
+    from ark_hf.utils.cli import parse_config
+
+    (tmp_path / "faq.jsonl").write_text(
+        json.dumps({"query": "q1", "pos": ["a1"]}) + "\n"
+        + json.dumps({"query": "q2", "pos": ["a2"], "prompt": "Own task"}) + "\n"
+    )  # fmt: skip
+    (tmp_path / "code.jsonl").write_text(json.dumps({"query": "q3", "pos": ["a3"]}) + "\n")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"query": "q4", "pos": ["a4"]}) + "\n")
+    yaml_file = tmp_path / "config.yaml"
+    yaml_file.write_text("dataset_instructions:\n  faq: Answer the FAQ question\n  code.jsonl: Find the code\n")
+    config = parse_config(
+        QwenTrainerConfig,
+        ["--config", str(yaml_file), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
+         "--model_name_or_path", tiny_qwen3_path, "--train_group_size", "1",
+         "--train_data", str(tmp_path / "faq.jsonl"), str(tmp_path / "code.jsonl"), str(tmp_path / "other.jsonl")],
+    )  # fmt: skip
+    trainer = QwenTrainer(config=config)
+    queries = sorted(trainer.train_dataset[i]["query"] for i in range(4))
+    default = config.query_instruction
+    assert queries == sorted(
+        [
+            "Instruct: Answer the FAQ question\nQuery:q1",
+            "Instruct: Own task\nQuery:q2",
+            "Instruct: Find the code\nQuery:q3",
+            f"Instruct: {default}\nQuery:q4",
+        ]
+    )
+    on_cli = parse_config(
+        QwenTrainerConfig,
+        ["--output_dir", "o", "--use_cpu", "true", "--dataset_instructions", '{"faq": "From the command line"}'],
+    )
+    assert on_cli.dataset_instructions == {"faq": "From the command line"}

@@ -269,6 +269,7 @@ class CurriculumCallback(TrainerCallback, ExportableState):
                 if stage.query_instruction is not None
                 else args.query_instruction,
                 query_instruction_format=args.query_instruction_format,
+                dataset_instructions=args.dataset_instructions,
                 passage_instruction=args.passage_instruction,
                 passage_instruction_format=args.passage_instruction_format,
                 use_teacher_scores=trainer.uses_teacher_scores(args),

@@ -6,6 +6,7 @@ the same group for the same record in the same epoch.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +39,8 @@ class TrainGroupDataset(Dataset):
         seed: base seed; the group of record `i` in epoch `e` depends only on `(seed, e, i)`.
         query_instruction: instruction for queries: one string, or a mapping from source index to string.
             A record's own `prompt` field takes precedence.
+        dataset_instructions: per-dataset query instructions, keyed by a record's `source` (the path as given,
+            its file name, or its file name without extension); a source without a key uses `query_instruction`.
         query_instruction_format: how instruction and query are joined (`"{}{}"` for BGE,
             `"Instruct: {}\\nQuery:{}"` for Qwen3-Embedding).
         passage_instruction, passage_instruction_format: the same for passages (symmetric tasks).
@@ -52,6 +55,7 @@ class TrainGroupDataset(Dataset):
         seed: int = 42,
         query_instruction: str | Mapping[int, str] | None = None,
         query_instruction_format: str = "{}{}",
+        dataset_instructions: Mapping[str, str] | None = None,
         passage_instruction: str | None = None,
         passage_instruction_format: str = "{}{}",
         use_teacher_scores: bool = False,
@@ -66,6 +70,7 @@ class TrainGroupDataset(Dataset):
         self.epoch = 0
         self.query_instruction = query_instruction
         self.query_instruction_format = query_instruction_format
+        self.dataset_instructions = dict(dataset_instructions or {})
         self.passage_instruction = passage_instruction
         self.passage_instruction_format = passage_instruction_format
         self.use_teacher_scores = use_teacher_scores
@@ -104,6 +109,12 @@ class TrainGroupDataset(Dataset):
     def _query_instruction(self, record: Mapping[str, Any]) -> str | None:
         if record.get("prompt"):
             return record["prompt"]
+        if self.dataset_instructions:
+            source = str(record.get("source", ""))
+            name = os.path.basename(source)
+            for key in (source, name, os.path.splitext(name)[0]):
+                if key in self.dataset_instructions:
+                    return self.dataset_instructions[key]
         if isinstance(self.query_instruction, Mapping):
             return self.query_instruction.get(int(record.get("source_index", 0)))
         return self.query_instruction

@@ -226,6 +226,7 @@ class BaseRetrieverTrainer(Trainer):
             seed=args.data_seed if args.data_seed is not None else args.seed,
             query_instruction=args.query_instruction,
             query_instruction_format=args.query_instruction_format,
+            dataset_instructions=args.dataset_instructions,
             passage_instruction=args.passage_instruction,
             passage_instruction_format=args.passage_instruction_format,
             use_teacher_scores=self.uses_teacher_scores(args),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -71,6 +72,14 @@ class RetrieverConfig(TrainingArguments):
     query_instruction_format: str = field(
         default="{}{}", metadata={"help": "Python format joining instruction and query, e.g. '{}{}'."}
     )
+    dataset_instructions: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Per-dataset query instructions: a mapping from a training file (path, file name, or name "
+            "without extension) to its instruction, as a YAML mapping or a JSON string on the command line. Files "
+            "without an entry use query_instruction; a record's `prompt` field wins over both."
+        },
+    )
     passage_instruction: str | None = field(
         default=None, metadata={"help": "Instruction for passages (symmetric tasks only)."}
     )
@@ -122,6 +131,18 @@ class RetrieverConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.dataset_instructions, str):
+            try:
+                self.dataset_instructions = json.loads(self.dataset_instructions)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"dataset_instructions: expected a JSON object, got {self.dataset_instructions!r}"
+                ) from error
+        if self.dataset_instructions is not None and not (
+            isinstance(self.dataset_instructions, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.dataset_instructions.items())
+        ):
+            raise ValueError("dataset_instructions must map file names to instruction strings")
         if self.train_group_size < 1:
             raise ValueError(f"train_group_size must be >= 1, got {self.train_group_size}")
         for name in ("query_max_len", "passage_max_len"):

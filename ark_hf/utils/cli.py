@@ -73,6 +73,8 @@ def load_yaml_config(path: str | Path, config_cls: type) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
     lines = _key_lines(path)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    # the declared annotations: HfArgumentParser rewrites `Field.type` in place (e.g. `dict | str | None` -> str)
+    hints = typing.get_type_hints(config_cls)
     problems = []
     for key, value in data.items():
         where = f"{path}:{lines.get(key, 0)}"
@@ -81,7 +83,7 @@ def load_yaml_config(path: str | Path, config_cls: type) -> dict[str, Any]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             problems.append(f"{where}: key '{key}': unknown option for {config_cls.__name__}{hint}")
             continue
-        allowed = _allowed_types(fields[key].type)
+        allowed = _allowed_types(hints.get(key, fields[key].type))
         if allowed is None or value is None and type(None) in allowed:
             continue
         if isinstance(value, bool) and bool not in allowed:
@@ -93,8 +95,12 @@ def load_yaml_config(path: str | Path, config_cls: type) -> dict[str, Any]:
             problems.append(f"{where}: key '{key}': expected {expected}, got {type(value).__name__} ({value!r})")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
-    return {key: ([value] if _allowed_types(fields[key].type) == (list,) and not isinstance(value, list) else value)
-            for key, value in data.items()}  # fmt: skip
+
+    def as_list_if_needed(key: str, value: Any) -> Any:
+        allowed = _allowed_types(hints.get(key)) or ()
+        return [value] if list in allowed and value is not None and not isinstance(value, list) else value
+
+    return {key: as_list_if_needed(key, value) for key, value in data.items()}
 
 
 def _key_lines(path: Path) -> dict[str, int]:
