@@ -24,7 +24,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import cached_file, logging
 
-from ark_hf.models.outputs import EmbeddingOutput, RetrieverOutput
+from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
 
 logger = logging.get_logger(__name__)
 
@@ -52,7 +52,7 @@ def _find_file(path: str, filename: str, **hub_kwargs: Any) -> str | None:
     )
 
 
-class BGEM3Model(nn.Module):
+class BGEM3Model(RetrieverModule):
     """An encoder backbone with BGE-M3's dense, sparse and ColBERT heads.
 
     With `H` the last hidden states `[N, L, d]` and `M` the attention mask:
@@ -78,9 +78,6 @@ class BGEM3Model(nn.Module):
         torch_dtype, attn_implementation, trust_remote_code: passed to `AutoModel.from_pretrained`.
         backbone, tokenizer: already loaded objects to use instead of loading `model_name`.
     """
-
-    # the Trainer must not pass `num_items_in_batch`: the contrastive losses are means over queries
-    accepts_loss_kwargs = False
 
     def __init__(
         self,
@@ -258,15 +255,6 @@ class BGEM3Model(nn.Module):
         # last real token, found from the mask so that left and right padding both work
         last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-    def forward(
-        self, query: dict[str, torch.Tensor] | None = None, passages: dict[str, torch.Tensor] | None = None, **_: Any
-    ) -> RetrieverOutput:
-        """Encode queries and passages in one call (one forward per step keeps DDP's hooks simple)."""
-        return RetrieverOutput(
-            query=self.encode_features(query) if query is not None else None,
-            passages=self.encode_features(passages) if passages is not None else None,
-        )
 
     # ---------------------------------------------------------------------------------------------- inference
     @torch.no_grad()

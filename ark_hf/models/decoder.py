@@ -48,7 +48,7 @@ from transformers import (
 from transformers.utils import logging
 
 from ark_hf.data.collator import tokenize_with_eos
-from ark_hf.models.outputs import EmbeddingOutput, RetrieverOutput
+from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
 
 logger = logging.get_logger(__name__)
 
@@ -136,7 +136,7 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------- model
-class DecoderEmbedder(nn.Module):
+class DecoderEmbedder(RetrieverModule):
     """A decoder LLM turned into an embedder: EOS appended, last-token pooling, L2 normalisation, optional LoRA.
 
     Args:
@@ -160,8 +160,6 @@ class DecoderEmbedder(nn.Module):
         eos_token_id: the id appended to every text.
     """
 
-    # The Trainer must not pass `num_items_in_batch`: the contrastive losses are means over queries.
-    accepts_loss_kwargs = False
     supports_gradient_checkpointing = True
 
     def __init__(
@@ -323,21 +321,6 @@ class DecoderEmbedder(nn.Module):
         if self.normalize:
             dense = F.normalize(dense, p=2, dim=-1)
         return EmbeddingOutput(dense=dense)
-
-    def forward(
-        self,
-        query: dict[str, torch.Tensor] | None = None,
-        passages: dict[str, torch.Tensor] | None = None,
-        **_: Any,
-    ) -> RetrieverOutput:
-        """Encode queries and passages in one call, so DDP sees one forward per step.
-
-        Extra batch keys (hashes, ids, teacher scores) are the loss's business and are ignored here.
-        """
-        return RetrieverOutput(
-            query=self.encode_features(query) if query is not None else None,
-            passages=self.encode_features(passages) if passages is not None else None,
-        )
 
     @torch.no_grad()
     def encode(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 from transformers.utils import ModelOutput
 
 
@@ -33,3 +35,29 @@ class RetrieverOutput(ModelOutput):
 
     query: EmbeddingOutput | None = None
     passages: EmbeddingOutput | None = None
+
+
+class RetrieverModule(nn.Module):
+    """Base of ark_hf's embedders: `forward` encodes queries and passages in one call.
+
+    One forward per step keeps DDP's hooks (and DeepSpeed's) simple. Subclasses implement
+    `encode_features(features) -> EmbeddingOutput` and `tokenize(texts, max_length)`. Extra batch keys (hashes,
+    record ids, teacher scores) are the loss's business and are ignored here.
+    """
+
+    # the Trainer must not pass `num_items_in_batch`: the contrastive losses are means over queries
+    accepts_loss_kwargs = False
+
+    def encode_features(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        query: dict[str, torch.Tensor] | None = None,
+        passages: dict[str, torch.Tensor] | None = None,
+        **_: Any,
+    ) -> RetrieverOutput:
+        return RetrieverOutput(
+            query=self.encode_features(query) if query is not None else None,
+            passages=self.encode_features(passages) if passages is not None else None,
+        )
