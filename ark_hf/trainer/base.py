@@ -205,7 +205,7 @@ class BaseRetrieverTrainer(Trainer):
         )
         if self.eval_dataset == "evaluator":
             self.eval_dataset = None
-        self._component_sums: dict[str, float] = defaultdict(float)
+        self._component_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
 
     # ------------------------------------------------------------------------------------------------ data
@@ -316,15 +316,19 @@ class BaseRetrieverTrainer(Trainer):
         loss, components = self.compute_retrieval_loss(model, outputs, inputs)
         self.check_finite(loss, components, inputs)
         if model.training:
-            for name, value in components.items():
-                self._component_sums[name] += float(value)
+            for name, value in components.items():  # summed on the device: no host sync per step
+                self._component_sums[name] = self._component_sums[name] + torch.as_tensor(value).detach().float()
                 self._component_counts[name] += 1
         return (loss, outputs) if return_outputs else loss
 
     def check_finite(self, loss: torch.Tensor, components: dict[str, torch.Tensor], inputs: dict[str, Any]) -> None:
         """Stop (or skip the batch) at a NaN/inf, naming the step, the component and the records of the batch."""
         values = {"loss": loss.detach(), **components}
-        bad = [name for name, value in values.items() if not math.isfinite(float(value))]
+        finite = torch.stack(
+            [torch.as_tensor(v, device=loss.device).detach().float().reshape(()) for v in values.values()]
+        )
+        all_finite = bool(torch.isfinite(finite).all())  # one host sync for every component together
+        bad = [] if all_finite else [name for name, value in values.items() if not math.isfinite(float(value))]
         skip = getattr(self.args, "nan_policy", "stop") == "skip" and self.model.training
         if skip and self.accelerator.num_processes > 1:
             # every process must drop the same step, or the gradient all-reduce would wait forever
@@ -357,7 +361,8 @@ class BaseRetrieverTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_counts:
             for name, total in self._component_sums.items():
-                value = torch.tensor(total / max(self._component_counts[name], 1), device=self.args.device)
+                mean = torch.as_tensor(total, dtype=torch.float32) / max(self._component_counts[name], 1)
+                value = mean.to(self.args.device)
                 logs[name] = round(float(self.accelerator.reduce(value, reduction="mean")), 6)
             self._component_sums.clear()
             self._component_counts.clear()
