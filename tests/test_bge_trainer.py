@@ -442,3 +442,44 @@ def test_checkpoint_resume_restores_weights_via_load_weights_from(tiny_xlmr_path
     assert changed(second, second_before)
     for name, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[name]), name
+
+
+def test_evaluation_during_training_drives_best_model_selection(tiny_xlmr_path, tmp_path):
+    """`eval_*` metrics from the IR evaluator feed metric_for_best_model and load_best_model_at_end."""
+    import json as _json
+
+    from ark_hf import BGEM3Model as _Model
+    from ark_hf import BGETrainer as _Trainer
+    from ark_hf import BGETrainerConfig as _Config
+
+    rows = [{"query": f"question {i} about roofs", "pos": [f"answer {i}: roofs need permits after {i} years"],
+             "neg": [f"unrelated {i} {k}" for k in range(2)]} for i in range(12)]  # fmt: skip
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(_json.dumps({"query": r["query"], "pos": r["pos"]}) + "\n" for r in rows[:6]))
+    config = _Config(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True, max_steps=4,
+        per_device_train_batch_size=2, train_group_size=2, query_max_len=12, passage_max_len=16,
+        init_missing_heads=True, train_data=[str(train)], eval_data=str(dev),
+        eval_modes=["dense", "sparse", "all"], eval_strategy="steps", eval_steps=2, save_strategy="steps",
+        save_steps=2, metric_for_best_model="all_ndcg@10", load_best_model_at_end=True, learning_rate=1e-3,
+        greater_is_better=False,  # "best" = the lower score, so the best checkpoint is not simply the last one
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = _Trainer(model=_Model(tiny_xlmr_path, init_missing_heads=True), config=config)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_all_ndcg@10" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    for h in evals:
+        assert {"eval_dense_ndcg@10", "eval_sparse_mrr@10", "eval_all_recall@100", "eval_dense_map"} <= set(h)
+    best = min(evals, key=lambda h: h["eval_all_ndcg@10"])
+    assert best["step"] == 2  # training raised the score between the two evaluations
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    assert trainer.state.best_metric == pytest.approx(best["eval_all_ndcg@10"])
+    reloaded = _Model.from_pretrained(trainer.state.best_model_checkpoint)
+    live = trainer.accelerator.unwrap_model(trainer.model)
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, live.state_dict()[name].detach().cpu()), name
+    last = _Model.from_pretrained(str(tmp_path / "out" / "checkpoint-4"))
+    assert not torch.equal(last.colbert_linear.weight, live.colbert_linear.weight.detach().cpu())
