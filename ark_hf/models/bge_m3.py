@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import cached_file, logging
 
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
+from ark_hf.models.st_layout import write_sentence_transformers_layout
 
 logger = logging.get_logger(__name__)
 
@@ -388,46 +389,14 @@ class BGEM3Model(RetrieverModule):
         heads_trained = self.heads_trained or (self.unified_finetuning and self.has_heads)
         info = {"has_heads": self.has_heads, "heads_trained": heads_trained, "pooling": self.pooling}
         (output_dir / HEADS_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        self._write_sentence_transformers_files(output_dir, max_seq_length)
-
-    def _write_sentence_transformers_files(self, output_dir: Path, max_seq_length: int) -> None:
         pooling_modes = {"cls": "cls_token", "mean": "mean_tokens", "last_token": "lasttoken"}
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if self.normalize:
-            modules.append(
-                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-            )
-            (output_dir / "2_Normalize").mkdir(exist_ok=True)
-        pooling = {
-            f"pooling_mode_{mode}": False
-            for mode in (
-                "cls_token",
-                "mean_tokens",
-                "max_tokens",
-                "mean_sqrt_len_tokens",
-                "weightedmean_tokens",
-                "lasttoken",
-            )
-        }
-        pooling[f"pooling_mode_{pooling_modes[self.pooling]}"] = True
-        pooling["word_embedding_dimension"] = self.config.hidden_size
-        pooling["include_prompt"] = True
-        (output_dir / "1_Pooling").mkdir(exist_ok=True)
-        files = {
-            "modules.json": modules,
-            "1_Pooling/config.json": pooling,
-            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
-            "config_sentence_transformers.json": {
-                "prompts": {},
-                "default_prompt_name": None,
-                "similarity_fn_name": "cosine" if self.normalize else "dot",
-            },
-        }
-        for name, content in files.items():
-            (output_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        write_sentence_transformers_layout(
+            output_dir,
+            hidden_size=self.config.hidden_size,
+            pooling_mode=pooling_modes[self.pooling],
+            normalize=self.normalize,
+            max_seq_length=max_seq_length,
+        )
 
     def load_weights_from(self, path: str | os.PathLike) -> None:
         """Restore backbone and head weights in place from a folder written by `save_pretrained`."""

@@ -49,6 +49,7 @@ from transformers.utils import logging
 
 from ark_hf.data.collator import tokenize_with_eos
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
+from ark_hf.models.st_layout import write_sentence_transformers_layout
 
 logger = logging.get_logger(__name__)
 
@@ -505,7 +506,14 @@ class DecoderEmbedder(RetrieverModule):
             )
             self.model.save_pretrained(output_dir, state_dict=backbone_state)
         self._save_tokenizer(output_dir, max_seq_length)
-        self._write_sentence_transformers_files(output_dir, max_seq_length, query_instruction)
+        write_sentence_transformers_layout(
+            output_dir,
+            hidden_size=self.config.hidden_size,
+            pooling_mode="lasttoken",
+            normalize=self.normalize,
+            max_seq_length=max_seq_length,
+            prompts={"query": query_prompt(query_instruction) if query_instruction else "", "document": ""},
+        )
 
     def _save_adapter(self, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         kwargs: dict[str, Any] = {}
@@ -564,43 +572,6 @@ class DecoderEmbedder(RetrieverModule):
         if isinstance(current, processors.ByteLevel):
             return processors.Sequence([current, template])
         return template
-
-    def _write_sentence_transformers_files(
-        self, output_dir: Path, max_seq_length: int, query_instruction: str | None
-    ) -> None:
-        """The module layout Qwen3-Embedding ships (legacy class paths: sentence-transformers 2.7 to 6.x read them).
-
-        No `modality_config` in `sentence_bert_config.json` on purpose: sentence-transformers 6 then treats
-        the module as text-only; inferring modalities would find Qwen's chat template and wrap every text in
-        chat messages.
-        """
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if self.normalize:
-            modules.append(
-                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-            )
-            (output_dir / "2_Normalize").mkdir(exist_ok=True)
-        modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
-        pooling: dict[str, Any] = {"word_embedding_dimension": self.config.hidden_size}
-        pooling.update({f"pooling_mode_{mode}": mode == "lasttoken" for mode in modes})
-        pooling["include_prompt"] = True
-        (output_dir / "1_Pooling").mkdir(exist_ok=True)
-        prompts = {"query": query_prompt(query_instruction) if query_instruction else "", "document": ""}
-        files = {
-            "modules.json": modules,
-            "1_Pooling/config.json": pooling,
-            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
-            "config_sentence_transformers.json": {
-                "prompts": prompts,
-                "default_prompt_name": None,
-                "similarity_fn_name": "cosine" if self.normalize else "dot",
-            },
-        }
-        for name, content in files.items():
-            (output_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def from_pretrained(
