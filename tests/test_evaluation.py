@@ -97,3 +97,33 @@ def test_evaluator_names_and_modes(ir_set):
         IREvaluator(queries, corpus, qrels, modes=["bm25"])
     with pytest.raises(ValueError, match="no query"):
         IREvaluator(queries, corpus, {"other": {"d1": 1}})
+
+
+def test_colbert_rerank_scores_only_the_first_stage_candidates(tiny_xlmr_path):
+    from ark_hf import BGEM3Model
+
+    torch.manual_seed(0)
+    model = BGEM3Model(tiny_xlmr_path, init_missing_heads=True)
+    with torch.no_grad():
+        model.sparse_linear.bias.fill_(1.0)  # a random sparse head may clip every weight to 0
+    words = WORDS
+    corpus = {f"d{i}": " ".join(words[(i + k) % len(words)] for k in range(5)) for i in range(12)}
+    queries = {f"q{i}": " ".join(words[(2 * i + k) % len(words)] for k in range(2)) for i in range(5)}
+    qrels = {f"q{i}": {f"d{2 * i}": 1} for i in range(5)}
+    modes = ["dense", "sparse", "colbert", "dense+sparse", "all"]
+    exact = IREvaluator(queries, corpus, qrels, modes=modes, query_max_len=16, passage_max_len=16)
+    reranked = IREvaluator(queries, corpus, qrels, modes=modes, query_max_len=16, passage_max_len=16, rerank_top_k=3)
+    full, cut = exact.score_matrices(model), reranked.score_matrices(model)
+    candidates = full["dense+sparse"].topk(3, dim=1).indices
+    for qi in range(5):
+        kept = set(candidates[qi].tolist())
+        for di in range(12):
+            if di in kept:
+                assert cut["colbert"][qi, di] == pytest.approx(float(full["colbert"][qi, di]), abs=1e-6)
+                assert cut["all"][qi, di] == pytest.approx(float(full["all"][qi, di]), abs=1e-6)
+            else:
+                assert cut["colbert"][qi, di] == float("-inf")
+    assert torch.equal(cut["dense"], full["dense"]) and torch.equal(cut["sparse"], full["sparse"])
+    run = reranked._run(cut["colbert"])
+    assert all(len(docs) == 3 for docs in run.values())  # -inf documents never enter the run
+    assert IREvaluator(queries, corpus, qrels, modes=modes, rerank_top_k=100)(model) == exact(model)

@@ -67,6 +67,8 @@ class IREvaluator:
         query_instruction, query_instruction_format: instruction for queries (Qwen3: `"Instruct: {}\\nQuery:{}"`).
         query_max_len, passage_max_len, batch_size: encoding settings.
         top_k: documents kept per query in the run (must cover Recall@100).
+        rerank_top_k: score ColBERT (and `all`) only on each query's top candidates by dense+sparse, as BGE-M3's
+            evaluation does (the paper re-ranks the top 200); `None` scores every document (exact, for dev sets).
         name: prefix for the metric keys (`{name}_{mode}_{metric}`), to evaluate several sets.
     """
 
@@ -84,6 +86,7 @@ class IREvaluator:
         passage_max_len: int = 256,
         batch_size: int = 64,
         top_k: int = 100,
+        rerank_top_k: int | None = None,
         name: str = "",
     ) -> None:
         unknown = [m for m in modes if m not in MODES]
@@ -104,6 +107,9 @@ class IREvaluator:
         self.passage_max_len = passage_max_len
         self.batch_size = batch_size
         self.top_k = top_k
+        if rerank_top_k is not None and rerank_top_k < 1:
+            raise ValueError(f"rerank_top_k must be >= 1, got {rerank_top_k}")
+        self.rerank_top_k = rerank_top_k
         self.name = name
 
     @torch.no_grad()
@@ -142,8 +148,13 @@ class IREvaluator:
         return sp.csr_matrix((vals, (rows, cols)), shape=(len(entries), width), dtype=np.float32)
 
     @staticmethod
-    def _colbert_scores(queries: list[torch.Tensor], docs: list[torch.Tensor]) -> torch.Tensor:
-        """Mean over query tokens of the max similarity over the document's real tokens."""
+    def _colbert_scores(
+        queries: list[torch.Tensor], docs: list[torch.Tensor], candidates: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean over query tokens of the max similarity over the document's real tokens.
+
+        With `candidates` (`[num_queries, k]` document indices) only those pairs are scored; the rest stay -inf.
+        """
         dim = queries[0].shape[-1]
         max_len = max(d.shape[0] for d in docs)
         padded = torch.zeros(len(docs), max_len, dim)
@@ -151,10 +162,11 @@ class IREvaluator:
         for i, d in enumerate(docs):
             padded[i, : d.shape[0]] = d
             mask[i, : d.shape[0]] = True
-        scores = torch.empty(len(queries), len(docs))
+        scores = torch.full((len(queries), len(docs)), float("-inf"))
         for qi, q in enumerate(queries):
-            sims = torch.einsum("id,njd->nij", q, padded).masked_fill(~mask[:, None, :], float("-inf"))
-            scores[qi] = sims.max(-1).values.mean(-1)
+            index = candidates[qi] if candidates is not None else slice(None)
+            sims = torch.einsum("id,njd->nij", q, padded[index]).masked_fill(~mask[index][:, None, :], float("-inf"))
+            scores[qi, index] = sims.max(-1).values.mean(-1)
         return scores
 
     def score_matrices(self, model: Any) -> dict[str, torch.Tensor]:
@@ -169,9 +181,13 @@ class IREvaluator:
             q_lex.resize((q_lex.shape[0], width))
             d_lex.resize((d_lex.shape[0], width))
             scores["sparse"] = torch.from_numpy((q_lex @ d_lex.T).toarray().astype(np.float32))
-            scores["colbert"] = self._colbert_scores(q["colbert"], d["colbert"])
             w_dense, w_sparse, w_colbert = self.weights
             scores["dense+sparse"] = w_dense * scores["dense"] + w_sparse * scores["sparse"]
+            candidates = None
+            if self.rerank_top_k is not None and self.rerank_top_k < len(self.corpus):
+                # BGE-M3's evaluation: multi-vector scores re-rank the first stage's top candidates
+                candidates = scores["dense+sparse"].topk(self.rerank_top_k, dim=1).indices
+            scores["colbert"] = self._colbert_scores(q["colbert"], d["colbert"], candidates)
             scores["all"] = scores["dense+sparse"] + w_colbert * scores["colbert"]
         return {mode: scores[mode] for mode in self.modes}
 
@@ -179,7 +195,7 @@ class IREvaluator:
         k = min(self.top_k, scores.shape[1])
         values, indices = scores.topk(k, dim=1)
         return {
-            qid: {self.doc_ids[j]: float(v) for v, j in zip(vals.tolist(), idx.tolist())}
+            qid: {self.doc_ids[j]: float(v) for v, j in zip(vals.tolist(), idx.tolist()) if v != float("-inf")}
             for qid, vals, idx in zip(self.query_ids, values, indices)
         }
 

@@ -264,6 +264,7 @@ class BaseRetrieverTrainer(Trainer):
             query_max_len=args.query_max_len,
             passage_max_len=args.passage_max_len,
             batch_size=args.eval_batch_size_encode,
+            rerank_top_k=getattr(args, "eval_rerank_top_k", None),
         )
 
     def build_batch_sampler(self, dataset: TrainGroupDataset) -> RetrievalBatchSampler:

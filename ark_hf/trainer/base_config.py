@@ -117,6 +117,13 @@ class RetrieverConfig(TrainingArguments):
         default_factory=lambda: ["dense"],
         metadata={"help": "Scoring modes to evaluate: dense, sparse, colbert, dense+sparse, all.", "nargs": "+"},
     )
+    eval_rerank_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "ColBERT and 'all' evaluation modes score only each query's top-k dense+sparse candidates "
+            "(BGE-M3's evaluation re-ranks the top 200); unset: every document (exact)."
+        },
+    )
     eval_batch_size_encode: int = field(default=64, metadata={"help": "Batch size when encoding the eval corpus."})
     overwrite_output_dir: bool = field(
         default=False,
