@@ -17,9 +17,6 @@ the command line (`--learning_rate 5e-6`); unknown keys are errors. `--help` lis
 
 from __future__ import annotations
 
-import json
-import os
-
 from ark_hf import BGETrainer, BGETrainerConfig
 from ark_hf.trainer.base import check_output_dir
 from ark_hf.trainer.bge_trainer import build_bge_model
@@ -42,9 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model(config.output_dir)
     if trainer.evaluators:
         metrics["after"] = trainer.evaluate()
-    if trainer.is_world_process_zero() and metrics:
-        with open(os.path.join(config.output_dir, "retrieval_metrics.json"), "w", encoding="utf-8") as handle:
-            json.dump(metrics, handle, indent=2)
+    trainer.save_retrieval_metrics(metrics)
     if config.push_to_hub:
         trainer.push_to_hub()
     return metrics

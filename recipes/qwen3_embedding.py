@@ -32,7 +32,6 @@ pipeline on a tiny random model: `python recipes/qwen3_demo.py`.
 
 from __future__ import annotations
 
-import json
 import os
 
 from ark_hf import DecoderEmbedder, QwenTrainer, QwenTrainerConfig
@@ -66,9 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics["merged"] = {
                 key: value for evaluator in trainer.evaluators for key, value in evaluator(merged_model).items()
             }
-    if trainer.is_world_process_zero() and metrics:
-        with open(os.path.join(config.output_dir, "retrieval_metrics.json"), "w", encoding="utf-8") as handle:
-            json.dump(metrics, handle, indent=2)
+    trainer.save_retrieval_metrics(metrics)
     if config.push_to_hub:
         trainer.push_to_hub()
     return metrics

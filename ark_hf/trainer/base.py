@@ -8,6 +8,7 @@ to write into another run's output directory. Subclasses only say how model outp
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -385,6 +386,13 @@ class BaseRetrieverTrainer(Trainer):
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def save_retrieval_metrics(self, metrics: dict[str, Any], filename: str = "retrieval_metrics.json") -> None:
+        """Write evaluation results (e.g. `{"before": ..., "after": ...}`) as JSON into `output_dir`, once."""
+        if self.is_world_process_zero() and metrics:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, filename), "w", encoding="utf-8") as handle:
+                json.dump(metrics, handle, indent=2)
 
     def prediction_step(
         self,
