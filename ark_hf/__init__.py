@@ -7,21 +7,27 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "BGEM3Model": "ark_hf.models.bge_m3",
-    "DecoderEmbedder": "ark_hf.models.decoder",
-    "BaseRetrieverTrainer": "ark_hf.trainer.base",
-    "BGETrainerConfig": "ark_hf.trainer.bge_config",
-    "BGETrainer": "ark_hf.trainer.bge_trainer",
-    "QwenTrainerConfig": "ark_hf.trainer.qwen_config",
-    "QwenTrainer": "ark_hf.trainer.qwen_trainer",
-    "create_qwen_trainer": "ark_hf.trainer.qwen_trainer",
-    "CurriculumCallback": "ark_hf.callbacks.curriculum",
-    "IREvaluator": "ark_hf.evaluation.ir",
-    "load_training_records": "ark_hf.data.loading",
-    "DataValidationError": "ark_hf.data.schema",
+# module -> public names it defines; `ark_hf.<name>` imports the module on first use (as transformers' _LazyModule)
+_import_structure: dict[str, list[str]] = {
+    "ark_hf.models.bge_m3": ["BGEM3Model"],
+    "ark_hf.models.decoder": ["DecoderEmbedder"],
+    "ark_hf.trainer.base": ["BaseRetrieverTrainer"],
+    "ark_hf.trainer.bge_config": ["BGETrainerConfig"],
+    "ark_hf.trainer.bge_trainer": ["BGETrainer"],
+    "ark_hf.trainer.qwen_config": ["QwenTrainerConfig"],
+    "ark_hf.trainer.qwen_trainer": ["QwenTrainer", "create_qwen_trainer"],
+    "ark_hf.callbacks.curriculum": ["CurriculumCallback"],
+    "ark_hf.evaluation.base": ["Evaluator"],
+    "ark_hf.evaluation.ir": ["IREvaluator"],
+    "ark_hf.losses.base": ["LossOutput", "RetrievalBatch", "RetrievalLoss"],
+    "ark_hf.losses.infonce": ["InfoNCELoss"],
+    "ark_hf.losses.m3": ["M3Loss"],
+    "ark_hf.losses.matryoshka": ["MatryoshkaLoss"],
+    "ark_hf.losses.qwen3": ["Qwen3InfoNCELoss"],
+    "ark_hf.data.loading": ["load_training_records"],
+    "ark_hf.data.schema": ["DataValidationError"],
 }
-
+_LAZY = {name: module for module, names in _import_structure.items() for name in names}
 __all__ = [
     "BGEM3Model",
     "BGETrainer",
@@ -30,9 +36,17 @@ __all__ = [
     "CurriculumCallback",
     "DataValidationError",
     "DecoderEmbedder",
+    "Evaluator",
     "IREvaluator",
+    "InfoNCELoss",
+    "LossOutput",
+    "M3Loss",
+    "MatryoshkaLoss",
+    "Qwen3InfoNCELoss",
     "QwenTrainer",
     "QwenTrainerConfig",
+    "RetrievalBatch",
+    "RetrievalLoss",
     "create_qwen_trainer",
     "load_training_records",
 ]
@@ -41,7 +55,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from ark_hf.callbacks.curriculum import CurriculumCallback
     from ark_hf.data.loading import load_training_records
     from ark_hf.data.schema import DataValidationError
+    from ark_hf.evaluation.base import Evaluator
     from ark_hf.evaluation.ir import IREvaluator
+    from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
+    from ark_hf.losses.infonce import InfoNCELoss
+    from ark_hf.losses.m3 import M3Loss
+    from ark_hf.losses.matryoshka import MatryoshkaLoss
+    from ark_hf.losses.qwen3 import Qwen3InfoNCELoss
     from ark_hf.models.bge_m3 import BGEM3Model
     from ark_hf.models.decoder import DecoderEmbedder
     from ark_hf.trainer.base import BaseRetrieverTrainer

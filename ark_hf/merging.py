@@ -48,6 +48,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
+from ark_hf.constants import ADAPTER_SUBFOLDER, ADAPTER_WEIGHT_FILES
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["slerp", "merge_state_dicts", "merge_checkpoints", "load_checkpoint_weights"]
@@ -57,7 +59,6 @@ MergeMethod = Literal["slerp", "linear"]
 # Weight files, in the order `transformers` looks for them.
 FULL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 FULL_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # Trainer / DeepSpeed state of the *unmerged* run: copying it would pretend the merged model can resume it.
 TRAINER_STATE_PATTERNS = (
     "optimizer.pt",
@@ -71,8 +72,6 @@ TRAINER_STATE_PATTERNS = (
     "zero_to_fp32.py",
     "global_step*",
 )
-# `DecoderEmbedder` saves the adapter of a LoRA run next to its merged weights; it no longer matches them.
-ADAPTER_SUBFOLDER = "lora_adapter"
 
 
 # ----------------------------------------------------------------------------------------------------- maths

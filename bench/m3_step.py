@@ -135,7 +135,7 @@ def ark(path: str, unified: bool, checkpointing: bool) -> dict:
 
     def step():
         out = model(query=q, passages=p)
-        return loss_fn(out.query, out.passages, group_size=G, step=1)[0]
+        return loss_fn(out.query, out.passages, G, step=1)[0]
 
     name = f"ark_hf {'unified+self-distill' if unified else 'dense'}{' +ckpt' if checkpointing else ''}"
     result = measure(name, list(model.parameters()), step)

@@ -45,7 +45,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from ark_hf.losses.infonce import InfoNCELoss, qwen3_infonce_loss
+from ark_hf.losses.infonce import InfoNCELoss
+from ark_hf.losses.qwen3 import qwen3_infonce_loss
 
 B, G, DIM = 8, 4, 64  # queries, documents per query (positive + 3 hard negatives), embedding size
 N_NEG = G - 1

@@ -45,7 +45,7 @@ def trained(tiny_xlmr_path, tmp_path_factory):
     query = model.tokenize(TEXTS[:2], 16)
     passages = model.tokenize(TEXTS[1:5], 16)
     out = model(query=query, passages=passages)
-    loss, _ = M3Loss(use_self_distill=True)(out.query, out.passages, group_size=2)
+    loss, _ = M3Loss(use_self_distill=True)(out.query, out.passages, 2)
     loss.backward()
     optimizer.step()
     model.eval()

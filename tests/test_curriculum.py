@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
 from ark_hf import CurriculumCallback, create_qwen_trainer
-from ark_hf.callbacks.curriculum import (
+from ark_hf.curriculum import (
     CurriculumBatchSampler,
     CurriculumIndex,
     StagePlanError,
@@ -105,14 +105,14 @@ def build(tiny_qwen3_path, plan, output_dir, callbacks=(), **overrides):
     torch.manual_seed(0)
     trainer = create_qwen_trainer(callbacks=[recorder, *callbacks], **fields)
     trainer.seen = {}
-    compute = trainer.compute_retrieval_loss
+    compute = trainer.loss.compute
 
-    def spy(model, outputs, inputs):
+    def spy(query, passages, batch, step):
         step = trainer.state.global_step + 1
-        trainer.seen[step] = {"ids": list(inputs["record_ids"]), "temperature": trainer.loss_options["temperature"]}
-        return compute(model, outputs, inputs)
+        trainer.seen[step] = {"ids": list(batch.record_ids), "temperature": trainer.loss.options["temperature"]}
+        return compute(query, passages, batch, step)
 
-    trainer.compute_retrieval_loss = spy
+    trainer.loss.compute = spy
     trainer.recorder = recorder
     return trainer
 
@@ -258,13 +258,13 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 trainer = create_qwen_trainer(**fields)
 seen = {}
-compute = trainer.compute_retrieval_loss
+compute = trainer.loss.compute
 
-def spy(model, outputs, inputs):
-    seen[trainer.state.global_step + 1] = list(inputs["record_ids"])
-    return compute(model, outputs, inputs)
+def spy(query, passages, batch, step):
+    seen[trainer.state.global_step + 1] = list(batch.record_ids)
+    return compute(query, passages, batch, step)
 
-trainer.compute_retrieval_loss = spy
+trainer.loss.compute = spy
 trainer.train()
 losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 result = {"seen": seen, "losses": losses, "max_steps": trainer.args.max_steps, "merged": trainer.curriculum.merged_path}
@@ -386,17 +386,17 @@ def test_plan_problems(plan_files, tmp_path, text, message):
 # ------------------------------------------------------------------------------------------------ units
 def test_merge_checkpoints_must_be_saved_and_kept(plan_files):
     callback = CurriculumCallback.from_yaml(plan_files["plan"])
-    callback.stage_steps = [2, 4, 0]
+    callback.plan.stage_steps = [2, 4, 0]
     args = SimpleNamespace(save_strategy=SaveStrategy.STEPS, save_steps=4, save_total_limit=None)
-    assert callback._choose_merge_checkpoints(args) == [4, 6]
+    assert callback.plan.choose_merge_checkpoints(args) == [4, 6]
     args.save_steps = 100  # only the stage ends are saved: stage 2 has one checkpoint
     with pytest.raises(ValueError, match="last_n=2"):
-        callback._choose_merge_checkpoints(args)
+        callback.plan.choose_merge_checkpoints(args)
     args.save_steps, args.save_total_limit = 1, 2
-    assert callback._choose_merge_checkpoints(args) == [5, 6]
+    assert callback.plan.choose_merge_checkpoints(args) == [5, 6]
     args.save_steps, args.save_total_limit = 4, 1  # rotation would delete checkpoint-4 before the merge
     with pytest.raises(ValueError, match="save_total_limit=1"):
-        callback._choose_merge_checkpoints(args)
+        callback.plan.choose_merge_checkpoints(args)
 
 
 def test_stream_is_deterministic_and_every_step_stays_in_one_stage_across_processes():
@@ -425,8 +425,8 @@ def test_learning_rate_scale_is_exact_and_never_compounds(plan_files, deepspeed_
     compound). DeepSpeed order: the engine steps the scheduler (the Trainer's LambdaLR) before
     `on_optimizer_step`; the scheduler's new rate must be kept."""
     callback = CurriculumCallback.from_yaml(plan_files["plan"])
-    callback.stage_steps = [2, 4, 0]
-    callback._trainer = SimpleNamespace(apply_loss_overrides=lambda overrides: None)
+    callback.plan.stage_steps = [2, 4, 0]
+    callback.loss = SimpleNamespace(update_options=lambda **overrides: None)
     parameter = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
     if deepspeed_order:

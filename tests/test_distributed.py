@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ark_hf.losses.infonce import InfoNCELoss, qwen3_infonce_loss
+from ark_hf.losses.base import RetrievalBatch
+from ark_hf.losses.infonce import InfoNCELoss
 from ark_hf.losses.m3 import M3Loss
+from ark_hf.losses.qwen3 import qwen3_infonce_loss
 from ark_hf.models.outputs import EmbeddingOutput
 from ark_hf.utils.distributed import all_gather_padded, all_gather_with_grad, rank, world_size
 
@@ -57,7 +59,7 @@ def _losses(cross_device: bool):
         "qwen3": lambda q, p, h, t: qwen3_infonce_loss(q, p, GROUP, doc_hashes=h, cross_device=cross_device),
         "m3_dense_kd": lambda q, p, h, t: (
             M3Loss(unified_finetuning=False, negatives_cross_device=cross_device, kd_loss_type="m3_kd_loss")(
-                EmbeddingOutput(dense=q), EmbeddingOutput(dense=p), GROUP, teacher_scores=t
+                EmbeddingOutput(dense=q), EmbeddingOutput(dense=p), RetrievalBatch(GROUP, teacher_scores=t)
             )[0],
             {},
         ),

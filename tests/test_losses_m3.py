@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ark_hf.losses.base import RetrievalBatch
 from ark_hf.losses.distill import kl_div_loss, m3_kd_loss, teacher_distribution
 from ark_hf.losses.infonce import group_columns
 from ark_hf.losses.m3 import M3Loss, colbert_scores, dense_scores, sparse_scores
@@ -149,7 +150,7 @@ def test_m3_loss_matches_flagembedding(case):
     q_fe, p_fe = _clone(query), _clone(passages)
 
     loss, components = M3Loss(temperature=TEMPERATURE, **ours_kwargs)(
-        query.output(), passages.output(), 3, teacher_scores=teacher if with_teacher else None
+        query.output(), passages.output(), RetrievalBatch(3, teacher_scores=teacher if with_teacher else None)
     )
     loss.backward()
     expected = _flagembedding_loss(q_fe, p_fe, teacher if with_teacher else None, **fe_kwargs)
@@ -184,7 +185,7 @@ def test_self_distill_start_step():
 def test_teacher_requires_kd_loss_type():
     query, passages, teacher = _batch()
     with pytest.raises(ValueError, match="kd_loss_type"):
-        M3Loss()(query.output(), passages.output(), 3, teacher_scores=teacher)
+        M3Loss()(query.output(), passages.output(), RetrievalBatch(3, teacher_scores=teacher))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_m3_loss_no_in_batch_matches_loop_reference(kd_loss_type, self_distill):
 
     loss, _ = M3Loss(
         temperature=TEMPERATURE, in_batch=False, kd_loss_type=kd_loss_type, use_self_distill=self_distill
-    )(query.output(), passages.output(), 3, teacher_scores=teacher)
+    )(query.output(), passages.output(), RetrievalBatch(3, teacher_scores=teacher))
     loss.backward()
     expected = _reference_no_in_batch(q_ref, p_ref, teacher, 3, kd_loss_type, self_distill)
     expected.backward()

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ark_hf import QwenTrainer, QwenTrainerConfig, create_qwen_trainer
-from ark_hf.losses.infonce import qwen3_infonce_loss
+from ark_hf.losses.base import RetrievalBatch
+from ark_hf.losses.qwen3 import qwen3_infonce_loss
 from ark_hf.models.decoder import DEFAULT_INSTRUCTION
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverOutput
 
@@ -203,7 +204,7 @@ def test_matryoshka_loss_is_the_weighted_sum_over_sizes(tiny_qwen3_path, tmp_pat
         passages=EmbeddingOutput(dense=F.normalize(docs, dim=-1)),
     )
     hashes = torch.arange(6)
-    loss, components = trainer.compute_retrieval_loss(trainer.model, outputs, {"passage_hashes": hashes})
+    loss, components = trainer.loss(outputs.query, outputs.passages, RetrievalBatch(2, passage_hashes=hashes))
     expected = 0.0
     for dim, weight in ((8, 0.5), (32, 2.0)):
         # slice the raw vectors and normalise: the Matryoshka view
@@ -274,7 +275,7 @@ def test_bad_training_data_fails_before_the_model_loads(tmp_path):
 def test_shipped_qwen3_configs_parse(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from ark_hf.callbacks.curriculum import load_stage_plan
+    from ark_hf.curriculum.plan import load_stage_plan
     from ark_hf.utils.cli import parse_config
 
     configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ark_hf import BGEM3Model, BGETrainer, BGETrainerConfig
+from ark_hf.losses.base import LossOutput
 from ark_hf.trainer.base import NonFiniteLossError, OutputDirError
 
 
@@ -79,7 +80,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_xlmr_path, tmp_path):
 def test_nan_stops_with_step_component_and_records(tiny_xlmr_path, tmp_path):
     data = write_records(tmp_path / "train.jsonl")
     trainer = build(tiny_xlmr_path, make_config(tmp_path / "out", save_strategy="no"), data)
-    original = trainer.loss_fn.forward
+    original = trainer.loss.forward
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -87,9 +88,9 @@ def test_nan_stops_with_step_component_and_records(tiny_xlmr_path, tmp_path):
         calls["n"] += 1
         if calls["n"] == 2:
             components = dict(components, loss_lex=torch.tensor(float("nan")))
-        return loss, components
+        return LossOutput(loss, components)
 
-    trainer.loss_fn.forward = poisoned
+    trainer.loss.forward = poisoned
     with pytest.raises(NonFiniteLossError) as error:
         trainer.train()
     message = str(error.value)
@@ -195,7 +196,7 @@ def test_qwen_resume_reproduces_the_uninterrupted_losses(tiny_qwen3_path, tmp_pa
 def test_nan_policy_skip_drops_the_batch_and_trains_on(tiny_xlmr_path, tmp_path, caplog):
     data = write_records(tmp_path / "train.jsonl")
     trainer = build(tiny_xlmr_path, make_config(tmp_path / "out", save_strategy="no", nan_policy="skip"), data)
-    original = trainer.loss_fn.forward
+    original = trainer.loss.forward
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -203,9 +204,9 @@ def test_nan_policy_skip_drops_the_batch_and_trains_on(tiny_xlmr_path, tmp_path,
         calls["n"] += 1
         if calls["n"] == 2:
             loss = loss * float("nan")
-        return loss, components
+        return LossOutput(loss, components)
 
-    trainer.loss_fn.forward = poisoned
+    trainer.loss.forward = poisoned
     trainer.train()
     assert trainer.state.global_step == 6
     assert any("non-finite loss at step 2" in r.message and "batch skipped" in r.message for r in caplog.records)

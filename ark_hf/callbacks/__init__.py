@@ -1,0 +1,5 @@
+"""Callbacks: `CurriculumCallback` (stage plans)."""
+
+from ark_hf.callbacks.curriculum import CurriculumCallback
+
+__all__ = ["CurriculumCallback"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
 from ark_hf.losses.distill import kl_div_loss, m3_kd_loss, teacher_distribution
 from ark_hf.losses.infonce import group_columns
 from ark_hf.models.outputs import EmbeddingOutput
@@ -94,7 +95,7 @@ def colbert_scores(
     return torch.cat(sums, dim=1) / q_mask.sum(dim=-1, keepdim=True).to(q_vecs.dtype)
 
 
-class M3Loss(nn.Module):
+class M3Loss(RetrievalLoss):
     """BGE-M3 unified fine-tuning loss, with self-distillation and teacher distillation.
 
     Each head x in (dense, lex, mul, inter) gets a loss on its score matrix S_x (divided by the temperature;
@@ -119,6 +120,24 @@ class M3Loss(nn.Module):
             (gradients exact under DDP; see `ark_hf.losses.infonce`).
         kd_loss_type: `"kl_div"` or `"m3_kd_loss"`; required to pass `teacher_scores`.
         teacher_temperature: teacher scores are divided by it before the softmax.
+
+    Inputs (`forward(query, passages, batch, step)`):
+        query / passages: `EmbeddingOutput` of B queries and B * G passages: `dense` always, plus
+            `sparse_weights`, `input_ids`, `colbert`, `colbert_mask` with `unified_finetuning`.
+        batch: `RetrievalBatch` (group size; `teacher_scores` `[B, G]` when distilling from a teacher).
+        step: the global training step (gates self-distillation).
+
+    Differences from FlagEmbedding: the sparse scores never build `[B, L, vocab]`; the ColBERT max runs over
+    real passage tokens only; cross-device dense gradients are exact (see `ark_hf.utils.distributed`).
+
+    Example:
+        ```python
+        loss = M3Loss(unified_finetuning=True, use_self_distill=True)
+        trainer = BGETrainer(model=model, args=config, loss=loss)
+        ```
+
+    Reference: Chen et al., "M3-Embedding: Multi-Linguality, Multi-Functionality, Multi-Granularity Text
+    Embeddings Through Self-Knowledge Distillation", arXiv:2402.03216.
     """
 
     def __init__(
@@ -137,6 +156,9 @@ class M3Loss(nn.Module):
         teacher_temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        self.heads = (
+            ("dense", "sparse_weights", "input_ids", "colbert", "colbert_mask") if unified_finetuning else ("dense",)
+        )
         if kd_loss_type not in (None, "kl_div", "m3_kd_loss"):
             raise ValueError(f"kd_loss_type must be None, 'kl_div' or 'm3_kd_loss', got {kd_loss_type!r}")
         self.temperature = temperature
@@ -159,34 +181,17 @@ class M3Loss(nn.Module):
             return m3_kd_loss(scores, teacher_probs, columns)
         return kl_div_loss(teacher_probs, scores.gather(1, columns)) + F.cross_entropy(scores, columns[:, 0])
 
-    def forward(
-        self,
-        query: EmbeddingOutput,
-        passages: EmbeddingOutput,
-        group_size: int,
-        teacher_scores: Tensor | None = None,
-        step: int = 0,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Compute the loss of this rank's queries.
-
-        Args:
-            query: B queries; `dense` always, plus `sparse_weights`, `input_ids`, `colbert` and
-                `colbert_mask` when `unified_finetuning`.
-            passages: B * G passages, same fields.
-            group_size: G.
-            teacher_scores: `[B, G]` (or flat `[B * G]`) raw teacher scores of each group.
-            step: the global training step (gates self-distillation).
-
-        Returns:
-            `(loss, components)`, components (detached) `loss_dense`, and with unified fine-tuning `loss_lex`,
-            `loss_mul`, `loss_inter`, plus `loss_self_distill` when it is active.
-        """
+    def compute(
+        self, query: EmbeddingOutput, passages: EmbeddingOutput, batch: RetrievalBatch, step: int
+    ) -> LossOutput:
+        """Loss of this rank's queries; components (detached) `loss_dense`, and with unified fine-tuning
+        `loss_lex`, `loss_mul`, `loss_inter`, plus `loss_self_distill` when it is active."""
         batch_size = query.dense.size(0)
         device = query.dense.device
-        if passages.dense.size(0) != batch_size * group_size:
-            raise ValueError(
-                f"expected {batch_size * group_size} passages for {batch_size} queries, got {passages.dense.size(0)}"
-            )
+        group_size = batch.group_size
+        teacher_scores = batch.teacher_scores
+        if teacher_scores is not None:
+            teacher_scores = teacher_scores.to(device)
         teacher_probs = None
         if teacher_scores is not None:
             if self.kd_loss_type is None:
@@ -219,7 +224,7 @@ class M3Loss(nn.Module):
             loss_dense = self._head_loss(s_dense, columns, teacher_probs)
         components = {"loss_dense": loss_dense.detach()}
         if not self.unified_finetuning:
-            return loss_dense, components
+            return LossOutput(loss_dense, components)
 
         s_lex = restrict(
             sparse_scores(query.input_ids, query.sparse_weights, passages.input_ids, passages.sparse_weights) / t
@@ -247,4 +252,4 @@ class M3Loss(nn.Module):
             ) / 3
             loss = (loss + loss_self_distill) / 2
             components["loss_self_distill"] = loss_self_distill.detach()
-        return loss, components
+        return LossOutput(loss, components)

@@ -47,8 +47,15 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from ark_hf.constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_SUBFOLDER,
+    DEFAULT_INSTRUCTION,
+    QWEN_EOS_TOKEN,
+    QWEN_QUERY_FORMAT,
+)
 from ark_hf.data.collator import tokenize_with_eos
-from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
+from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule, truncate_embeddings
 from ark_hf.models.st_layout import write_sentence_transformers_layout
 
 logger = logging.get_logger(__name__)
@@ -61,14 +68,6 @@ __all__ = [
     "query_prompt",
     "truncate_embeddings",
 ]
-
-DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-# Qwen's end-of-text token. Qwen3-Embedding's tokenizer declares `<|im_end|>` as eos but appends this one
-# (it is also the pad token), so it is preferred whenever the vocabulary has it.
-QWEN_EOS_TOKEN = "<|endoftext|>"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-# A full save of a LoRA model also keeps the adapter here, so a checkpoint can resume LoRA training.
-ADAPTER_SUBFOLDER = "lora_adapter"
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -85,7 +84,7 @@ def format_query(query: str, instruction: str | None) -> str:
 
 def query_prompt(instruction: str) -> str:
     """The prefix that `format_query` puts before a query: sentence-transformers' `prompts["query"]`."""
-    return f"Instruct: {instruction}\nQuery:"
+    return QWEN_QUERY_FORMAT.format(instruction, "")
 
 
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -105,14 +104,6 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
     length = attention_mask.shape[1]
     last = length - 1 - attention_mask.flip(1).to(torch.int32).argmax(dim=1)
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
-
-
-def truncate_embeddings(embeddings: torch.Tensor, dim: int, normalize: bool = True) -> torch.Tensor:
-    """Matryoshka view: the first `dim` coordinates, L2-renormalised (slice first, then normalise)."""
-    if not 0 < dim <= embeddings.shape[-1]:
-        raise ValueError(f"dim must be in [1, {embeddings.shape[-1]}], got {dim}")
-    sliced = embeddings[..., :dim]
-    return F.normalize(sliced, p=2, dim=-1) if normalize else sliced
 
 
 def resolve_eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

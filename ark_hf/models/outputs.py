@@ -6,8 +6,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
+
+
+def truncate_embeddings(embeddings: torch.Tensor, dim: int, normalize: bool = True) -> torch.Tensor:
+    """Matryoshka view: the first `dim` coordinates, L2-renormalised (slice first, then normalise)."""
+    if not 0 < dim <= embeddings.shape[-1]:
+        raise ValueError(f"dim must be in [1, {embeddings.shape[-1]}], got {dim}")
+    sliced = embeddings[..., :dim]
+    return F.normalize(sliced, p=2, dim=-1) if normalize else sliced
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """`BaseRetrieverTrainer`: the `transformers.Trainer` subclass that every ark_hf trainer builds on.
 
-It owns what all retrievers share: the group dataset and collator, the batch sampler choice, loss
-component logging, the IR evaluator, saving through the model's own `save_pretrained`, and the refusal
-to write into another run's output directory. Subclasses only say how model outputs become a loss
-(`compute_retrieval_loss`).
+It owns what all retrievers share: reading and validating the data before the model loads, the group dataset
+and collator, the batch sampler choice, the curriculum stream, the loss (`loss=`, a `RetrievalLoss`) and the
+logging of its components, the NaN guard, the evaluators, atomic saving (`AtomicSaveMixin`), and the refusal
+to write into another run's output directory.
+
+Extension points (each a method a subclass or a user overrides): `build_model(args)`, `build_loss(args)`,
+`prepare_model(model, args)`, `build_collator`, `build_batch_sampler`, `build_group_dataset`,
+`retrieval_batch(inputs, outputs)`, `forward_batch(model, inputs)`, `save_pretrained_kwargs()`.
 """
 
 from __future__ import annotations
@@ -15,16 +19,16 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 from transformers.utils import logging
 
+from ark_hf.callbacks.curriculum import CurriculumCallback
+from ark_hf.curriculum.stream import CurriculumStream
 from ark_hf.data.collator import RetrievalCollator
 from ark_hf.data.dataset import TrainGroupDataset
 from ark_hf.data.samplers import (
@@ -33,32 +37,16 @@ from ark_hf.data.samplers import (
     RetrievalBatchSampler,
     SameSourceBatchSampler,
 )
-from ark_hf.evaluation.ir import IREvaluator
+from ark_hf.data.schema import DataValidationError
+from ark_hf.evaluation.base import Evaluator
+from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
+from ark_hf.models.outputs import RetrieverOutput
+from ark_hf.trainer.atomic_save import TRAINING_ARGS_NAME, AtomicSaveMixin
+from ark_hf.trainer.base_config import RetrieverConfig
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["BaseRetrieverTrainer", "OutputDirError", "NonFiniteLossError"]
-
-TRAINING_ARGS_NAME = "training_args.bin"
-TRAINER_STATE_NAME = "trainer_state.json"
-TMP_PREFIX = ".tmp-"
-
-
-def fsync_tree(path: str) -> None:
-    """Flush every file and folder under `path` to disk (so a rename publishes complete files)."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(root)
-
-
-def fsync_dir(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+__all__ = ["TRAINING_ARGS_NAME", "BaseRetrieverTrainer", "NonFiniteLossError", "OutputDirError", "check_output_dir"]
 
 
 class OutputDirError(FileExistsError):
@@ -132,66 +120,88 @@ def check_lengths_and_vocab(model: nn.Module, tokenizer: Any, args: TrainingArgu
         )
 
 
-class BaseRetrieverTrainer(Trainer):
+class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
     """A `Trainer` for embedding models trained on (query, positive, negatives) groups.
+
+    Each step: `forward_batch` embeds the batch's queries and passage groups (one model call), `retrieval_batch`
+    collects what the loss may need besides embeddings (group size, hashes, teacher scores), the loss returns
+    `LossOutput(loss, components)`, and `finish_loss` applies the NaN guard and accumulates the components,
+    which are logged with the Trainer's `loss` (`loss_dense`, `loss_lex`, `masked_negatives`, ...).
 
     Args:
         model: an ark_hf model (`BGEM3Model`, `DecoderEmbedder`) whose forward takes `query` and `passages`
-            features and returns a `RetrieverOutput`.
-        args: the config (a `RetrieverConfig` subclass). `config=` is accepted as an alias.
+            features and returns a `RetrieverOutput`; `None` builds it from the config (`build_model`), after
+            the data has been read and validated.
+        args: the config (an instance of the trainer's `config_class`). `config=` is accepted as an alias.
         train_dataset: a `TrainGroupDataset`, or records (list of dicts / `datasets.Dataset`), which are
-            validated and wrapped; `None` loads `args.train_data`.
+            validated and wrapped; `None` loads `args.train_data` (or the stages of `args.curriculum`).
         processing_class: the tokenizer (`tokenizer=` is accepted as an alias); defaults to `model.tokenizer`.
-        evaluator: an `IREvaluator` (or a list) run at each evaluation; `None` builds one from `args.eval_data`.
+        evaluator: an `Evaluator` (or a list), e.g. `IREvaluator`, run at each evaluation; `None` builds one
+            from `args.eval_data`.
         data_collator: defaults to a `RetrievalCollator` with the config's lengths.
+        callbacks: Trainer callbacks; a `CurriculumCallback` here (or `args.curriculum`) runs a stage plan.
+        loss: a `RetrievalLoss`; default `build_loss(args)`, the trainer's published objective.
     """
 
     _tag_names = ["ark_hf"]
+    config_class: ClassVar[type[TrainingArguments]] = RetrieverConfig
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None = None,
         args: TrainingArguments | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
         data_collator: Callable | None = None,
-        evaluator: IREvaluator | Sequence[IREvaluator] | None = None,
+        evaluator: Evaluator | Sequence[Evaluator] | None = None,
         callbacks: list[TrainerCallback] | None = None,
         *,
+        loss: RetrievalLoss | None = None,
         config: TrainingArguments | None = None,
         tokenizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        if args is not None and config is not None and args is not config:
-            raise ValueError("pass the configuration once: `args=` or `config=`, not both")
-        args = args if args is not None else config
+        args = self._one_of(args, config, "the configuration", "`args=` or `config=`")
         if args is None:
-            raise ValueError(f"{type(self).__name__} needs a config (`args=` or `config=`)")
-        if processing_class is not None and tokenizer is not None and processing_class is not tokenizer:
-            raise ValueError("pass the tokenizer once: `processing_class=` or `tokenizer=`, not both")
-        processing_class = processing_class if processing_class is not None else tokenizer
-        if processing_class is None:
-            processing_class = getattr(model, "tokenizer", None)
+            raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__} (`args=` or `config=`)")
+        if not isinstance(args, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(args).__name__}")
+        processing_class = self._one_of(
+            processing_class, tokenizer, "the tokenizer", "`processing_class=` or `tokenizer=`"
+        )
+        callbacks = list(callbacks or [])
 
-        if train_dataset is None and getattr(args, "train_data", None):
-            train_dataset = self.load_records(args.train_data, args)
-        if train_dataset is not None and not isinstance(train_dataset, TrainGroupDataset):
-            if isinstance(train_dataset, list) and train_dataset and isinstance(train_dataset[0], dict):
-                if "source_index" not in train_dataset[0]:  # in-memory records: validate like a file
-                    import datasets
-
-                    train_dataset = self.load_records(datasets.Dataset.from_list(train_dataset), args)
-            else:
-                train_dataset = self.load_records(train_dataset, args)
-            train_dataset = self.build_group_dataset(train_dataset, args)
-        if evaluator is None and getattr(args, "eval_data", None):
+        # Everything that reads user files runs before the model loads: a bad record fails in seconds.
+        self.curriculum = self._resolve_curriculum(args, callbacks)
+        stage_records = None
+        if self.curriculum is not None:
+            if train_dataset is not None or args.train_data:
+                raise ValueError("a curriculum names its own data: pass no train_dataset / train_data with it")
+            stage_records = self._load_stage_records(self.curriculum, args)
+        else:
+            train_dataset = self._validated_records(train_dataset, args)
+        if evaluator is None and args.eval_data:
             evaluator = self.build_evaluator(args)
-        self.evaluators: list[IREvaluator] = (
+        self.evaluators: list[Evaluator] = (
             [] if evaluator is None else list(evaluator) if isinstance(evaluator, (list, tuple)) else [evaluator]
         )
+        self.loss = loss if loss is not None else self.build_loss(args)
+        if not isinstance(self.loss, RetrievalLoss):
+            raise TypeError(
+                f"loss must be a RetrievalLoss (ark_hf.losses.base), got {type(self.loss).__name__}: its forward takes "
+                "(query, passages, batch, step) embeddings and returns LossOutput(loss, components)"
+            )
+
+        if model is None:
+            model = self.build_model(args)
+        model = self.prepare_model(model, args)
+        if processing_class is None:
+            processing_class = getattr(model, "tokenizer", None)
+        if train_dataset is not None and not isinstance(train_dataset, TrainGroupDataset):
+            train_dataset = self.build_group_dataset(train_dataset, args)
         if data_collator is None:
-            data_collator = self.build_collator(processing_class, args)
+            data_collator = self.build_collator(processing_class, args, model)
         check_lengths_and_vocab(model, processing_class, args)
 
         super().__init__(
@@ -208,24 +218,70 @@ class BaseRetrieverTrainer(Trainer):
             self.eval_dataset = None
         self._component_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
+        self.curriculum_stream: CurriculumStream | None = None
+        if self.curriculum is not None:
+            self._bind_curriculum(stage_records)
+
+    @staticmethod
+    def _one_of(first: Any, second: Any, what: str, spellings: str) -> Any:
+        if first is not None and second is not None and first is not second:
+            raise ValueError(f"pass {what} once: {spellings}, not both")
+        return first if first is not None else second
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def build_model(self, args: TrainingArguments) -> nn.Module:
+        """The model the config describes (called only when `model=None`)."""
+        raise ValueError(f"{type(self).__name__} needs a model (pass model=...)")
+
+    def build_loss(self, args: TrainingArguments) -> RetrievalLoss:
+        """The trainer's default objective, built from the config (used when `loss=None`)."""
+        raise ValueError(f"{type(self).__name__} needs a loss (pass loss=RetrievalLoss(...))")
+
+    def prepare_model(self, model: nn.Module, args: TrainingArguments) -> nn.Module:
+        """Check and adjust a model against the config before training (freezing, head switches)."""
+        return model
+
+    def uses_teacher_scores(self, args: TrainingArguments) -> bool:
+        """Whether records must carry `pos_scores`/`neg_scores` (distillation from precomputed scores)."""
+        return False
 
     # ------------------------------------------------------------------------------------------------ data
-    @staticmethod
-    def load_records(sources: Any, args: TrainingArguments, require_teacher_scores: bool = False) -> list[dict]:
+    def load_records(self, sources: Any, args: TrainingArguments) -> list[dict]:
         from ark_hf.data.loading import load_training_records
 
         return load_training_records(
-            sources,
-            require_teacher_scores=require_teacher_scores,
-            max_errors=getattr(args, "max_validation_errors", 20),
+            sources, require_teacher_scores=self.uses_teacher_scores(args), max_errors=args.max_validation_errors
         )
 
-    def build_group_dataset(self, records: list[dict], args: TrainingArguments) -> TrainGroupDataset:
+    def _validated_records(self, train_dataset: Any, args: TrainingArguments) -> Any:
+        """Read and validate the training data now, before the model loads."""
+        if train_dataset is None:
+            return self.load_records(args.train_data, args) if args.train_data else None
+        if isinstance(train_dataset, TrainGroupDataset):
+            return train_dataset
+        if isinstance(train_dataset, list) and train_dataset and isinstance(train_dataset[0], dict):
+            if "source_index" in train_dataset[0]:  # records that went through load_training_records
+                return train_dataset
+            import datasets
+
+            train_dataset = datasets.Dataset.from_list(train_dataset)
+        return self.load_records(train_dataset, args)
+
+    def build_group_dataset(
+        self,
+        records: list[dict],
+        args: TrainingArguments,
+        *,
+        train_group_size: int | None = None,
+        seed: int | None = None,
+        query_instruction: str | None = None,
+    ) -> TrainGroupDataset:
+        """Groups (query, positive, negatives) of the records; a curriculum stage may override size, seed, instruction."""
         return TrainGroupDataset(
             records,
-            train_group_size=args.train_group_size,
-            seed=args.data_seed if args.data_seed is not None else args.seed,
-            query_instruction=args.query_instruction,
+            train_group_size=train_group_size or args.train_group_size,
+            seed=seed if seed is not None else args.data_seed if args.data_seed is not None else args.seed,
+            query_instruction=query_instruction if query_instruction is not None else args.query_instruction,
             query_instruction_format=args.query_instruction_format,
             dataset_instructions=args.dataset_instructions,
             passage_instruction=args.passage_instruction,
@@ -233,10 +289,9 @@ class BaseRetrieverTrainer(Trainer):
             use_teacher_scores=self.uses_teacher_scores(args),
         )
 
-    def uses_teacher_scores(self, args: TrainingArguments) -> bool:
-        return False
-
-    def build_collator(self, tokenizer: Any, args: TrainingArguments) -> RetrievalCollator:
+    def build_collator(
+        self, tokenizer: Any, args: TrainingArguments, model: nn.Module | None = None
+    ) -> RetrievalCollator:
         return RetrievalCollator(
             tokenizer=tokenizer,
             query_max_len=args.query_max_len,
@@ -244,8 +299,8 @@ class BaseRetrieverTrainer(Trainer):
             pad_to_multiple_of=args.pad_to_multiple_of,
         )
 
-    def build_evaluator(self, args: TrainingArguments) -> IREvaluator:
-        from ark_hf.evaluation.ir import load_ir_data
+    def build_evaluator(self, args: TrainingArguments) -> Evaluator:
+        from ark_hf.evaluation.ir import IREvaluator, load_ir_data
 
         path = args.eval_data
         if str(path).endswith(".json"):
@@ -259,13 +314,13 @@ class BaseRetrieverTrainer(Trainer):
             corpus,
             qrels,
             modes=args.eval_modes,
-            weights=tuple(getattr(args, "eval_mode_weights", (1.0, 0.3, 1.0))),
+            weights=tuple(args.eval_mode_weights),
             query_instruction=args.query_instruction,
             query_instruction_format=args.query_instruction_format,
             query_max_len=args.query_max_len,
             passage_max_len=args.passage_max_len,
             batch_size=args.eval_batch_size_encode,
-            rerank_top_k=getattr(args, "eval_rerank_top_k", None),
+            rerank_top_k=args.eval_rerank_top_k,
         )
 
     def build_batch_sampler(self, dataset: TrainGroupDataset) -> RetrievalBatchSampler:
@@ -273,17 +328,19 @@ class BaseRetrieverTrainer(Trainer):
         seed = args.data_seed if args.data_seed is not None else args.seed
         common = {"seed": seed, "drop_last": args.dataloader_drop_last}
         batch_size = self._train_batch_size
-        if getattr(args, "same_dataset_within_batch", False):
+        if args.same_dataset_within_batch:
             return SameSourceBatchSampler(dataset.source_indices(), batch_size, **common)
-        if getattr(args, "no_duplicates_in_batch", False):
+        if args.no_duplicates_in_batch:
             texts = [[r["query"], *r["pos"]] for r in dataset.records]
             return NoDuplicatesBatchSampler(texts, batch_size, **common)
-        if getattr(args, "train_sampling_strategy", "random") == "group_by_length":
+        if args.train_sampling_strategy == "group_by_length":
             lengths = [len(r["query"]) + max(len(p) for p in r["pos"]) for r in dataset.records]
             return LengthGroupedBatchSampler(lengths, batch_size, **common)
         return RetrievalBatchSampler(len(dataset), batch_size, **common)
 
     def get_train_dataloader(self) -> DataLoader:
+        if self.curriculum_stream is not None:
+            return self.curriculum_stream.dataloader(self)
         if self.train_dataset is None:
             raise ValueError("training requires a train_dataset (or config.train_data)")
         dataset = self.train_dataset
@@ -300,12 +357,62 @@ class BaseRetrieverTrainer(Trainer):
         )
         return self.accelerator.prepare(dataloader)
 
+    # ------------------------------------------------------------------------------------------------ curriculum
+    @staticmethod
+    def _resolve_curriculum(args: TrainingArguments, callbacks: list[TrainerCallback]) -> CurriculumCallback | None:
+        given = [callback for callback in callbacks if isinstance(callback, CurriculumCallback)]
+        if len(given) > 1:
+            raise ValueError("pass at most one CurriculumCallback")
+        if args.curriculum:
+            if given:
+                raise ValueError("config.curriculum is set and a CurriculumCallback is passed too; keep one plan")
+            callback = CurriculumCallback.from_yaml(args.curriculum)
+            callbacks.append(callback)
+            return callback
+        return given[0] if given else None
+
+    def _load_stage_records(self, curriculum: CurriculumCallback, args: TrainingArguments) -> list[list[dict]]:
+        """Every data stage's records, validated; all stages' problems are reported together."""
+        issues, records = [], []
+        for stage in curriculum.stages:
+            if stage.is_merge:
+                records.append([])
+                continue
+            try:
+                records.append(self.load_records(list(stage.datasets), args))
+            except DataValidationError as error:
+                issues.extend(error.issues)
+                records.append([])
+        if issues:
+            raise DataValidationError(issues, max_shown=None)
+        return records
+
+    def _bind_curriculum(self, stage_records: list[list[dict]]) -> None:
+        """Size the stages, set `max_steps` to the plan's length, and hand the callback what it adjusts."""
+        stream = CurriculumStream(self.curriculum.plan, stage_records, self)
+        self.args.max_steps = stream.plan.total_steps
+        self.curriculum_stream = stream
+        self.train_dataset = stream.dataset()
+        self.curriculum.bind(
+            loss=self.loss,
+            fingerprint=stream.fingerprint,
+            output_dir=self.args.output_dir,
+            accelerator=self.accelerator,
+            should_save=self.args.should_save,
+        )
+        logger.info(stream.describe())
+
     # ------------------------------------------------------------------------------------------------ loss
-    def compute_retrieval_loss(
-        self, model: nn.Module, outputs: Any, inputs: dict[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Turn the model's outputs into `(loss, components)`; subclasses implement it."""
-        raise NotImplementedError
+    def forward_batch(self, model: nn.Module, inputs: dict[str, Any]) -> RetrieverOutput:
+        """One model call over the batch's queries and passage groups."""
+        return model(query=inputs["query"], passages=inputs["passages"])
+
+    def retrieval_batch(self, inputs: dict[str, Any], outputs: RetrieverOutput) -> RetrievalBatch:
+        """The batch facts the loss may use (group size, hashes, record ids, teacher scores)."""
+        n_queries = outputs.query.dense.size(0)
+        return RetrievalBatch.from_inputs(
+            inputs, outputs.passages.dense.size(0) // n_queries, device=outputs.query.dense.device
+        )
 
     def compute_loss(
         self,
@@ -314,14 +421,22 @@ class BaseRetrieverTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        outputs = model(query=inputs["query"], passages=inputs["passages"])
-        loss, components = self.compute_retrieval_loss(model, outputs, inputs)
+        outputs = self.forward_batch(model, inputs)
+        output = self.loss(
+            outputs.query, outputs.passages, self.retrieval_batch(inputs, outputs), self.state.global_step
+        )
+        loss = self.finish_loss(output, inputs, training=model.training)
+        return (loss, outputs) if return_outputs else loss
+
+    def finish_loss(self, output: LossOutput, inputs: dict[str, Any], training: bool = True) -> torch.Tensor:
+        """NaN guard and component bookkeeping shared by every way of computing a loss (plain, cached)."""
+        loss, components = output.loss, output.components
         self.check_finite(loss, components, inputs)
-        if model.training:
+        if training:
             for name, value in components.items():  # summed on the device: no host sync per step
                 self._component_sums[name] = self._component_sums[name] + torch.as_tensor(value).detach().float()
                 self._component_counts[name] += 1
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def check_finite(self, loss: torch.Tensor, components: dict[str, torch.Tensor], inputs: dict[str, Any]) -> None:
         """Stop (or skip the batch) at a NaN/inf, naming the step, the component and the records of the batch."""
@@ -331,7 +446,7 @@ class BaseRetrieverTrainer(Trainer):
         )
         all_finite = bool(torch.isfinite(finite).all())  # one host sync for every component together
         bad = [] if all_finite else [name for name, value in values.items() if not math.isfinite(float(value))]
-        skip = getattr(self.args, "nan_policy", "stop") == "skip" and self.model.training
+        skip = self.args.nan_policy == "skip" and self.model.training
         if skip and self.accelerator.num_processes > 1:
             # every process must drop the same step, or the gradient all-reduce would wait forever
             flag = torch.tensor(float(bool(bad)), device=self.args.device)
@@ -368,23 +483,38 @@ class BaseRetrieverTrainer(Trainer):
                 logs[name] = round(float(self.accelerator.reduce(value, reduction="mean")), 6)
             self._component_sums.clear()
             self._component_counts.clear()
+        if self.curriculum is not None and "loss" in logs:
+            self.curriculum.annotate_logs(logs, self.state.global_step)
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------ evaluation
+    def run_evaluators(self, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Every evaluator's metrics on the unwrapped model, keys prefixed (`eval_dense_ndcg@10`)."""
+        model = self.accelerator.unwrap_model(self.model)
+        metrics: dict[str, float] = {}
+        for evaluator in self.evaluators:
+            for key, value in evaluator(model).items():
+                metrics[f"{metric_key_prefix}_{key}"] = value
+        return metrics
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        # With an eval dataset *and* evaluators, the evaluators' metrics join the loop's, so `evaluate` logs once.
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.evaluators:
+            output.metrics.update(self.run_evaluators(kwargs.get("metric_key_prefix", "eval")))
+        return output
+
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        metrics: dict[str, float] = {}
         if eval_dataset is not None or self.eval_dataset is not None:
-            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
-        if self.evaluators:
-            model = self.accelerator.unwrap_model(self.model)
-            for evaluator in self.evaluators:
-                for key, value in evaluator(model).items():
-                    metrics[f"{metric_key_prefix}_{key}"] = value
-            metrics["epoch"] = self.state.epoch
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if not self.evaluators:
+            return {}
+        metrics = self.run_evaluators(metric_key_prefix)
+        metrics["epoch"] = self.state.epoch
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def save_retrieval_metrics(self, metrics: dict[str, Any], filename: str = "retrieval_metrics.json") -> None:
@@ -406,122 +536,12 @@ class BaseRetrieverTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    # ------------------------------------------------------------------------------------------ save / load
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         if self.args.should_save:
             check_output_dir(
                 self.args.output_dir,
-                overwrite=getattr(self.args, "overwrite_output_dir", False),
+                overwrite=self.args.overwrite_output_dir,
                 resume_from_checkpoint=resume_from_checkpoint,
                 required_bytes=checkpoint_bytes(self.model, self.args),
             )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        save_kwargs: dict[str, Any] = {}
-        if state_dict is not None:
-            save_kwargs["state_dict"] = state_dict
-        model.save_pretrained(output_dir, **save_kwargs)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the final model: written complete into `.tmp-model`, fsynced, then each file renamed into place.
-
-        No file in `output_dir` is ever half-written; a process killed before the renames leaves the previous
-        files untouched (checkpoints take the same care in `_save_checkpoint`).
-        """
-        if _internal_call:  # a checkpoint: `_save_checkpoint` already writes into a temporary folder
-            return super().save_model(output_dir, _internal_call=True)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        tmp_dir = os.path.join(output_dir, TMP_PREFIX + "model")
-        if self.args.should_save and os.path.isdir(tmp_dir):
-            shutil.rmtree(tmp_dir)
-        self.accelerator.wait_for_everyone()
-        super().save_model(tmp_dir, _internal_call=True)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            fsync_tree(tmp_dir)
-            for entry in sorted(os.listdir(tmp_dir)):
-                target = os.path.join(output_dir, entry)
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                os.replace(os.path.join(tmp_dir, entry), target)
-            os.rmdir(tmp_dir)
-            fsync_dir(output_dir)
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self.push_to_hub(commit_message="Model save")
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Write the checkpoint into `.tmp-checkpoint-N`, fsync, then rename it to `checkpoint-N`.
-
-        A process killed mid-save leaves only a `.tmp-` folder (ignored by resume and removed at the next
-        save), so the previous checkpoint stays the latest complete one; rotation (`save_total_limit`) runs
-        only after the new checkpoint is in place, so it never removes the only good checkpoint.
-        """
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final_dir = os.path.join(run_dir, name)
-        tmp_dir = os.path.join(run_dir, TMP_PREFIX + name)
-        if self.args.should_save:
-            for stale in (
-                Path(run_dir).glob(f"{TMP_PREFIX}{PREFIX_CHECKPOINT_DIR}-*") if os.path.isdir(run_dir) else []
-            ):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.save_model(tmp_dir, _internal_call=True)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(tmp_dir)
-            self._save_scaler(tmp_dir)
-            self._save_rng_state(tmp_dir)
-        best_strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
-        if self.args.save_strategy in best_strategies and self.state.best_global_step:
-            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if self.state.best_global_step == self.state.global_step or os.path.exists(best_dir):
-                self.state.best_model_checkpoint = best_dir
-        if self.args.should_save:
-            exportable = [
-                c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)
-            ]
-            for callback in exportable:
-                callback_name = callback.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(callback_name), list):
-                    self.state.stateful_callbacks[callback_name].append(callback.state())
-                else:
-                    self.state.stateful_callbacks[callback_name] = callback.state()
-            self.state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            fsync_tree(tmp_dir)
-            if os.path.isdir(final_dir):
-                shutil.rmtree(final_dir)
-            os.replace(tmp_dir, final_dir)
-            fsync_dir(run_dir)
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(final_dir)
-        if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        target.load_weights_from(resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._load_best_model()
-        best = self.state.best_model_checkpoint
-        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
-        self.accelerator.unwrap_model(self.model).load_weights_from(best)

@@ -124,6 +124,20 @@ class RetrieverConfig(TrainingArguments):
             "(BGE-M3's evaluation re-ranks the top 200); unset: every document (exact)."
         },
     )
+    eval_mode_weights: list[float] = field(
+        default_factory=lambda: [1.0, 0.3, 1.0],
+        metadata={
+            "help": "Weights (dense, sparse, colbert) of the dense+sparse and all evaluation modes.",
+            "nargs": 3,
+        },
+    )
+    curriculum: str | None = field(
+        default=None,
+        metadata={
+            "help": "Stage-plan YAML (see ark_hf.curriculum.plan): data, length and options per stage, and an "
+            "optional final slerp merge. Replaces train_data; max_steps is set by the plan."
+        },
+    )
     eval_batch_size_encode: int = field(default=64, metadata={"help": "Batch size when encoding the eval corpus."})
     overwrite_output_dir: bool = field(
         default=False,
@@ -157,5 +171,18 @@ class RetrieverConfig(TrainingArguments):
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if len(self.eval_mode_weights) != 3:
+            raise ValueError(
+                f"eval_mode_weights needs 3 values (dense, sparse, colbert), got {self.eval_mode_weights}"
+            )
+        if self.curriculum:
+            if self.train_data:
+                raise ValueError(
+                    "curriculum and train_data are both set: with a curriculum the stages name the data; "
+                    "drop train_data"
+                )
+            from ark_hf.curriculum.plan import load_stage_plan
+
+            load_stage_plan(self.curriculum)  # a bad plan fails here, before a model loads or a file is written
         if self.same_dataset_within_batch and self.no_duplicates_in_batch:
             raise ValueError("choose one of same_dataset_within_batch and no_duplicates_in_batch")

@@ -115,13 +115,6 @@ class BGETrainerConfig(RetrieverConfig):
     teacher_temperature: float = field(
         default=1.0, metadata={"help": "Teacher distribution: softmax(teacher_scores / teacher_temperature)."}
     )
-    eval_mode_weights: list[float] = field(
-        default_factory=lambda: [1.0, 0.3, 1.0],
-        metadata={
-            "help": "Weights (dense, sparse, colbert) of the dense+sparse and all evaluation modes.",
-            "nargs": 3,
-        },
-    )
     teacher_max_len: int = field(default=512, metadata={"help": "Maximum (query, passage) length for the teacher."})
     teacher_batch_size: int = field(default=64, metadata={"help": "Pairs per teacher forward pass."})
 
@@ -140,10 +133,6 @@ class BGETrainerConfig(RetrieverConfig):
         if self.negatives_cross_device and not self.in_batch_negatives:
             raise ValueError(
                 "negatives_cross_device needs in_batch_negatives=True (own-group scoring has no other negatives)"
-            )
-        if len(self.eval_mode_weights) != 3:
-            raise ValueError(
-                f"eval_mode_weights needs 3 values (dense, sparse, colbert), got {self.eval_mode_weights}"
             )
         if self.knowledge_distillation and self.train_group_size < 2:
             raise ValueError("knowledge_distillation needs train_group_size >= 2 (a teacher ranks a group)")

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers.utils import logging
 
-from ark_hf.models.decoder import DEFAULT_INSTRUCTION
+from ark_hf.constants import DEFAULT_INSTRUCTION, QWEN_QUERY_FORMAT
+from ark_hf.losses.qwen3 import QWEN3_LOSS_OPTION_TYPES, check_qwen3_options
 from ark_hf.trainer.base_config import RetrieverConfig
 
 logger = logging.get_logger(__name__)
@@ -15,17 +16,8 @@ logger = logging.get_logger(__name__)
 __all__ = ["QwenTrainerConfig"]
 
 DEFAULT_LEARNING_RATE = 6e-6
-# The loss options a curriculum stage may override (see `ark_hf.callbacks.curriculum`), with their types.
-LOSS_OPTION_TYPES: dict[str, type] = {
-    "temperature": float,
-    "false_negative_margin": float,
-    "mask_false_negatives": bool,
-    "in_batch_negatives": bool,
-    "use_qq": bool,
-    "use_dd": bool,
-    "use_inbatch_qd": bool,
-}
-LOSS_OPTION_FIELDS = tuple(LOSS_OPTION_TYPES)
+# The loss options a curriculum stage may override (`Qwen3InfoNCELoss.option_types`), config fields of these names.
+LOSS_OPTION_FIELDS = tuple(QWEN3_LOSS_OPTION_TYPES)
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -67,7 +59,7 @@ class QwenTrainerConfig(RetrieverConfig):
         query_instruction (`str`, defaults to Qwen3-Embedding's web-search instruction): Query instruction.
         query_instruction_format (`str`, defaults to `"Instruct: {}\nQuery:{}"`): Qwen3-Embedding's template.
         query_max_len, passage_max_len (`int`, defaults `128`, `512`): Token lengths, EOS included.
-        curriculum (`str` or `None`): A stage-plan YAML (`ark_hf.callbacks.curriculum`); replaces `train_data`.
+        curriculum (`str` or `None`): A stage-plan YAML (`ark_hf.curriculum.plan`); replaces `train_data`.
 
     Defaults that differ from `TrainingArguments`: `learning_rate=6e-6` (the Qwen team's full fine-tuning
     recipe for Qwen3-Embedding-0.6B, `docs/training/SWIFT.md`; use about 5e-5 with LoRA, ms-swift's example),
@@ -168,18 +160,11 @@ class QwenTrainerConfig(RetrieverConfig):
         metadata={"help": "Instruction for queries (documents get none); a record's own `prompt` takes precedence."},
     )
     query_instruction_format: str = field(
-        default="Instruct: {}\nQuery:{}",
+        default=QWEN_QUERY_FORMAT,
         metadata={"help": "Python format joining instruction and query (Qwen3-Embedding's, no space after 'Query:')."},
     )
     query_max_len: int = field(default=128, metadata={"help": "Maximum query length in tokens (EOS included)."})
     passage_max_len: int = field(default=512, metadata={"help": "Maximum passage length in tokens (EOS included)."})
-    curriculum: str | None = field(
-        default=None,
-        metadata={
-            "help": "Stage-plan YAML (see ark_hf.callbacks.curriculum): data, length and options per stage, and an "
-            "optional final slerp merge. Replaces train_data; max_steps is set by the plan."
-        },
-    )
 
     def __post_init__(self) -> None:
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
@@ -193,7 +178,7 @@ class QwenTrainerConfig(RetrieverConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not self.false_negative_margin >= 0:
             raise ValueError(f"false_negative_margin must be >= 0, got {self.false_negative_margin}")
-        check_loss_options(
+        check_qwen3_options(
             {name: getattr(self, name) for name in LOSS_OPTION_FIELDS},
             train_group_size=self.train_group_size,
             negatives_cross_device=self.negatives_cross_device,
@@ -226,15 +211,6 @@ class QwenTrainerConfig(RetrieverConfig):
                     self.learning_rate,
                 )
         self._check_matryoshka()
-        if self.curriculum:
-            if self.train_data:
-                raise ValueError(
-                    "curriculum and train_data are both set: with a curriculum the stages name the data; "
-                    "drop train_data"
-                )
-            from ark_hf.callbacks.curriculum import load_stage_plan
-
-            load_stage_plan(self.curriculum)  # a bad plan fails here, before a model loads or a file is written
 
     def _check_matryoshka(self) -> None:
         if self.matryoshka_weights is not None and self.matryoshka_dims is None:
@@ -260,24 +236,3 @@ class QwenTrainerConfig(RetrieverConfig):
     def loss_options(self) -> dict[str, float | bool]:
         """The loss settings a curriculum stage may override (`LOSS_OPTION_FIELDS`)."""
         return {name: getattr(self, name) for name in LOSS_OPTION_FIELDS}
-
-
-def check_loss_options(options: dict, *, train_group_size: int, negatives_cross_device: bool, where: str = "") -> None:
-    """Refuse loss settings under which no query has a negative, or that contradict each other."""
-    prefix = f"{where}: " if where else ""
-    if not options["temperature"] > 0:
-        raise ValueError(f"{prefix}temperature must be > 0, got {options['temperature']}")
-    if not options["false_negative_margin"] >= 0:
-        raise ValueError(f"{prefix}false_negative_margin must be >= 0, got {options['false_negative_margin']}")
-    in_batch = options["in_batch_negatives"]
-    if negatives_cross_device and not in_batch:
-        raise ValueError(
-            f"{prefix}negatives_cross_device needs in_batch_negatives=True (it gathers in-batch candidates)"
-        )
-    any_in_batch_term = in_batch and (options["use_qq"] or options["use_dd"] or options["use_inbatch_qd"])
-    if train_group_size < 2 and not any_in_batch_term:
-        raise ValueError(
-            f"{prefix}no negatives: train_group_size={train_group_size} gives no hard negatives and the in-batch terms "
-            "are off, so the loss would be 0 (QwenLM/Qwen3-Embedding#63); raise train_group_size or turn "
-            "in_batch_negatives / use_inbatch_qd on"
-        )

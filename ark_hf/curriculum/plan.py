@@ -1,4 +1,5 @@
-"""Stage plans for `CurriculumCallback`: the YAML format, its checks, and the `Stage` / `MergeSpec` it parses into.
+"""Stage plans: the YAML format, its checks, the `Stage` / `MergeSpec` it parses into, and `CurriculumPlan`, the
+plan's geometry (steps per stage, the stage of a step, the merge's checkpoints, the fingerprint of the stream).
 
 ```yaml
 stages:
@@ -27,6 +28,8 @@ Every problem is reported at once, each with the file, the 1-based line, the pat
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -35,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.trainer_utils import SaveStrategy
 
-from ark_hf.trainer.qwen_config import LOSS_OPTION_TYPES
+from ark_hf.losses.qwen3 import QWEN3_LOSS_OPTION_TYPES as LOSS_OPTION_TYPES
 from ark_hf.utils.cli import ConfigError
 
-__all__ = ["MergeSpec", "Stage", "StagePlanError", "load_stage_plan", "parse_stages"]
+__all__ = ["CurriculumPlan", "MergeSpec", "Stage", "StagePlanError", "load_stage_plan", "parse_stages"]
 
 PLAN_KEYS = ("stages",)
 STAGE_KEYS = (
@@ -409,3 +413,112 @@ def load_stage_plan(path: str | os.PathLike) -> list[Stage]:
     _check_keys(data, PLAN_KEYS, (), problems)
     problems.raise_if_any()
     return parse_stages(data.get("stages"), str(path), lines)
+
+
+class CurriculumPlan:
+    """The geometry of a stage plan once its stages are sized: which optimizer steps belong to which stage.
+
+    Args:
+        stages: the parsed plan.
+        source: where it came from (a file path), for messages.
+
+    Attributes:
+        stage_steps: optimizer steps of each stage (0 for the merge); set by the trainer when it sizes the data.
+        merge_steps: global steps of the checkpoints the merge reads.
+    """
+
+    def __init__(self, stages: Sequence[Stage], source: str | None = None) -> None:
+        self.stages = list(stages)
+        self.source = source
+        self.stage_steps: list[int] = []
+        self.merge_steps: list[int] = []
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> CurriculumPlan:
+        return cls(load_stage_plan(path), source=str(path))
+
+    @property
+    def data_stages(self) -> list[int]:
+        return [index for index, stage in enumerate(self.stages) if not stage.is_merge]
+
+    @property
+    def merge_stage(self) -> Stage | None:
+        return self.stages[-1] if self.stages[-1].is_merge else None
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.stage_steps)
+
+    @property
+    def stage_end_steps(self) -> list[int]:
+        """Global step that ends each data stage (cumulative steps)."""
+        ends, total = [], 0
+        for index in self.data_stages:
+            total += self.stage_steps[index]
+            ends.append(total)
+        return ends
+
+    def stage_range(self, stage_index: int) -> tuple[int, int]:
+        """`(first, last)` global step numbers (1-based, inclusive) of a data stage."""
+        start = sum(self.stage_steps[:stage_index])
+        return start + 1, start + self.stage_steps[stage_index]
+
+    def stage_at(self, step_index: int) -> int:
+        """Index of the stage that optimizer step `step_index` (0-based: `state.global_step` before it) belongs to."""
+        for index in self.data_stages:
+            _, last = self.stage_range(index)
+            if step_index < last:
+                return index
+        return self.data_stages[-1]
+
+    def fingerprint(self, records_per_stage: Sequence[int], args: Any, batch_size: int, seed: int) -> str:
+        """Identity of the data stream: a resume is refused when it changes."""
+        payload = {
+            "stages": [stage.to_dict() for stage in self.stages],
+            "records": list(records_per_stage),
+            "steps": self.stage_steps,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "world_size": args.world_size,
+            "seed": seed,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def choose_merge_checkpoints(self, args: Any) -> list[int]:
+        """Global steps whose checkpoints the merge reads, checked against what the run will save and keep."""
+        merge = self.merge_stage.merge
+        data_names = [self.stages[i].name for i in self.data_stages]
+        source = data_names.index(merge.from_stage) if merge.from_stage else len(data_names) - 1
+        first, last = self.stage_range(self.data_stages[source])
+        saved = set(self.stage_end_steps)  # the curriculum saves at every stage end
+        if args.save_strategy == SaveStrategy.STEPS:
+            every = args.save_steps if args.save_steps >= 1 else math.ceil(self.total_steps * args.save_steps)
+            saved.update(range(int(every), self.total_steps + 1, int(every)))
+        saved_sorted = sorted(saved)
+        in_stage = [step for step in saved_sorted if first <= step <= last]
+        name = data_names[source]
+        if merge.last_n is not None:
+            if merge.last_n > len(in_stage):
+                raise ValueError(
+                    f"merge: last_n={merge.last_n} checkpoints of stage '{name}' wanted, but the run saves "
+                    f"{len(in_stage)} during it (steps {in_stage}; stage steps {first}-{last}); lower save_steps"
+                )
+            chosen = in_stage[-merge.last_n :]
+        else:
+            missing = [step for step in merge.steps if step not in in_stage]
+            if missing:
+                raise ValueError(
+                    f"merge: no checkpoint of stage '{name}' at steps {missing}; the run saves during that stage at "
+                    f"steps {in_stage} (stage steps {first}-{last})"
+                )
+            chosen = sorted(merge.steps)
+        limit = args.save_total_limit
+        if limit is not None and limit > 0:
+            kept = saved_sorted[-limit:]
+            lost = [step for step in chosen if step not in kept]
+            if lost:
+                raise ValueError(
+                    f"merge: save_total_limit={limit} deletes the checkpoints of steps {lost} before the merge reads "
+                    f"them; raise save_total_limit to at least {len(saved_sorted) - saved_sorted.index(min(chosen))}"
+                )
+        return chosen
