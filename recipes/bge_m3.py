@@ -17,32 +17,12 @@ the command line (`--learning_rate 5e-6`); unknown keys are errors. `--help` lis
 
 from __future__ import annotations
 
-from ark_hf import BGETrainer, BGETrainerConfig
-from ark_hf.trainer.base import check_output_dir
-from ark_hf.trainer.bge_trainer import build_bge_model
-from ark_hf.utils.cli import parse_config
+from ark_hf import BGETrainer
+from ark_hf.trainer.runner import run_recipe
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_config(BGETrainerConfig, argv)
-    if not config.train_data:
-        raise SystemExit("train_data is required (--train_data FILE [FILE ...] or in the YAML config)")
-    # everything that can fail is checked before the model loads or anything is written
-    check_output_dir(
-        config.output_dir, overwrite=config.overwrite_output_dir, resume_from_checkpoint=config.resume_from_checkpoint
-    )
-    trainer = BGETrainer(model=build_bge_model(config), args=config)
-    metrics: dict = {}
-    if trainer.evaluators:
-        metrics["before"] = trainer.evaluate()
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    if trainer.evaluators:
-        metrics["after"] = trainer.evaluate()
-    trainer.save_retrieval_metrics(metrics)
-    if config.push_to_hub:
-        trainer.push_to_hub()
-    return metrics
+    return run_recipe(BGETrainer, argv)
 
 
 if __name__ == "__main__":

@@ -34,41 +34,25 @@ from __future__ import annotations
 
 import os
 
-from ark_hf import DecoderEmbedder, QwenTrainer, QwenTrainerConfig
-from ark_hf.trainer.base import check_output_dir
-from ark_hf.utils.cli import parse_config
+from ark_hf import DecoderEmbedder, QwenTrainer
+from ark_hf.trainer.runner import run_recipe
+
+
+def evaluate_merged_model(trainer: QwenTrainer, metrics: dict) -> None:
+    """A curriculum's stage-3 merge is a model of its own: evaluate it too."""
+    merged = trainer.curriculum.merged_path if trainer.curriculum is not None else None
+    if not merged or not trainer.is_world_process_zero():
+        return
+    print(f"stage-3 merged model: {merged}")
+    if trainer.evaluators and os.path.isfile(os.path.join(merged, "config.json")):
+        model = DecoderEmbedder.from_pretrained(merged).to(trainer.args.device)
+        metrics["merged"] = {
+            f"eval_{key}": value for evaluator in trainer.evaluators for key, value in evaluator(model).items()
+        }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_config(QwenTrainerConfig, argv)
-    if not config.train_data and not config.curriculum:
-        raise SystemExit(
-            "no training data: --train_data FILE [FILE ...] or --curriculum PLAN.yaml (or in the YAML config)"
-        )
-    # everything that can fail is checked before the model loads or anything is written
-    check_output_dir(
-        config.output_dir, overwrite=config.overwrite_output_dir, resume_from_checkpoint=config.resume_from_checkpoint
-    )
-    trainer = QwenTrainer(args=config)
-    metrics: dict = {}
-    if trainer.evaluators:
-        metrics["before"] = trainer.evaluate()
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    if trainer.evaluators:
-        metrics["after"] = trainer.evaluate()
-    merged = trainer.curriculum.merged_path if trainer.curriculum is not None else None
-    if merged and trainer.is_world_process_zero():
-        print(f"stage-3 merged model: {merged}")
-        if trainer.evaluators and os.path.isfile(os.path.join(merged, "config.json")):
-            merged_model = DecoderEmbedder.from_pretrained(merged).to(trainer.args.device)
-            metrics["merged"] = {
-                key: value for evaluator in trainer.evaluators for key, value in evaluator(merged_model).items()
-            }
-    trainer.save_retrieval_metrics(metrics)
-    if config.push_to_hub:
-        trainer.push_to_hub()
-    return metrics
+    return run_recipe(QwenTrainer, argv, after_training=evaluate_merged_model)
 
 
 if __name__ == "__main__":
