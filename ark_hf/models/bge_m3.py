@@ -25,6 +25,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import cached_file, logging
 
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
+from ark_hf.models.packing import (
+    PackedBatch,
+    disable_padding_free,
+    enable_padding_free,
+    packed_hidden_states,
+    position_offset,
+)
 from ark_hf.models.st_layout import write_sentence_transformers_layout
 
 logger = logging.get_logger(__name__)
@@ -58,7 +65,7 @@ class BGEM3Model(RetrieverModule):
 
     With `H` the last hidden states `[N, L, d]` and `M` the attention mask:
 
-    - dense: `normalize(H[:, 0])` (CLS; `mean` and `last_token` pooling optional);
+    - dense: `normalize(H[:, 0])` (CLS, each text's first token; `mean` and `last_token` pooling optional);
     - sparse: `w_t = relu(sparse_linear(H_t))` per token, special tokens and padding set to 0; the
       lexical score of two texts sums `w_q(t) * w_p(t)` over shared token ids (max over repeats);
     - ColBERT: `normalize(colbert_linear(H[:, 1:]) * M[:, 1:])` (CLS skipped, final `</s>` kept).
@@ -78,6 +85,9 @@ class BGEM3Model(RetrieverModule):
             choice when the backbone is a plain encoder (e.g. `xlm-roberta-large` or MiniLM).
         torch_dtype, attn_implementation, trust_remote_code: passed to `AutoModel.from_pretrained`.
         backbone, tokenizer: already loaded objects to use instead of loading `model_name`.
+        padding_free: Run the backbone on the batch's real tokens only, all texts packed into one sequence
+            (`ark_hf.models.packing`); same outputs as the padded forward. The varlen attention kernel needs
+            CUDA and bf16/fp16; elsewhere attention falls back to an exact per-text SDPA (one warning).
     """
 
     def __init__(
@@ -95,6 +105,7 @@ class BGEM3Model(RetrieverModule):
         trust_remote_code: bool = False,
         backbone: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        padding_free: bool = False,
     ) -> None:
         super().__init__()
         name = model_name if model_name is not None else model_name_or_path
@@ -169,6 +180,20 @@ class BGEM3Model(RetrieverModule):
 
         special_ids = sorted({i for i in tokenizer.all_special_ids if i is not None})
         self.register_buffer("special_token_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
+        self.padding_free = padding_free
+
+    @property
+    def padding_free(self) -> bool:
+        """Packed (padding-free) backbone forward; settable after construction."""
+        return self._padding_free
+
+    @padding_free.setter
+    def padding_free(self, value: bool) -> None:
+        if value:
+            enable_padding_free(self.model)
+        else:
+            disable_padding_free(self.model)
+        self._padding_free = bool(value)
 
     @staticmethod
     def _saved_info(path: str) -> dict[str, Any]:
@@ -221,7 +246,14 @@ class BGEM3Model(RetrieverModule):
         return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
     def encode_features(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
-        """Run the backbone on tokenized texts and apply the heads."""
+        """Run the backbone on tokenized texts and apply the heads.
+
+        Left and right padding give the same outputs: the CLS is each text's first real token, and the
+        ColBERT mask drops it wherever it sits. With `padding_free` the backbone runs packed and only the
+        per-token head outputs are scattered back into the padded `[N, L]` / `[N, L - 1, d]` layout.
+        """
+        if self.padding_free:
+            return self._encode_packed(features)
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in features:
@@ -235,7 +267,11 @@ class BGEM3Model(RetrieverModule):
             return EmbeddingOutput(dense=dense)
         keep = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
         sparse_weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep.to(hidden.dtype)
-        colbert_mask = attention_mask[:, 1:]
+        # ColBERT skips each text's first token (the CLS): position 0 with right padding
+        rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+        token_mask = attention_mask.clone()
+        token_mask[rows, attention_mask.to(torch.int8).argmax(1)] = 0
+        colbert_mask = token_mask[:, 1:]
         colbert = self.colbert_linear(hidden[:, 1:]) * colbert_mask.unsqueeze(-1).to(hidden.dtype)
         if self.normalize:
             colbert = F.normalize(colbert, dim=-1)
@@ -247,9 +283,41 @@ class BGEM3Model(RetrieverModule):
             colbert_mask=colbert_mask,
         )
 
+    def _encode_packed(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
+        """`encode_features` with the backbone on the packed real tokens (`[T, d]` hidden states)."""
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        packed = PackedBatch.from_padded(
+            input_ids,
+            attention_mask,
+            offset=position_offset(self.model),
+            token_type_ids=features.get("token_type_ids"),
+        )
+        hidden = packed_hidden_states(self.model, packed)
+        dense = packed.pool(hidden, self.pooling)
+        if self.normalize:
+            dense = F.normalize(dense, dim=-1)
+        if not self.has_heads or (self.training and not self.unified_finetuning):
+            return EmbeddingOutput(dense=dense)
+        token_ids = packed.input_ids[0]
+        keep = ~torch.isin(token_ids, self.special_token_ids)
+        sparse = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep.to(hidden.dtype)
+        colbert_keep = ~packed.is_first_token()
+        colbert = self.colbert_linear(hidden) * colbert_keep.unsqueeze(-1).to(hidden.dtype)
+        if self.normalize:
+            colbert = F.normalize(colbert, dim=-1)
+        colbert_mask = packed.repad(colbert_keep.to(attention_mask.dtype))[:, 1:]
+        return EmbeddingOutput(
+            dense=dense,
+            sparse_weights=packed.repad(sparse),
+            input_ids=input_ids,
+            colbert=packed.repad(colbert)[:, 1:],
+            colbert_mask=colbert_mask,
+        )
+
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "cls":
-            return hidden[:, 0]
+        if self.pooling == "cls":  # each text's first real token (position 0 with right padding)
+            first = attention_mask.to(torch.int8).argmax(1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)

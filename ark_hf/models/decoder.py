@@ -56,6 +56,7 @@ from ark_hf.constants import (
 )
 from ark_hf.data.collator import tokenize_with_eos
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule, truncate_embeddings
+from ark_hf.models.packing import PackedBatch, disable_padding_free, enable_padding_free, packed_hidden_states
 from ark_hf.models.st_layout import write_sentence_transformers_layout
 
 logger = logging.get_logger(__name__)
@@ -144,6 +145,10 @@ class DecoderEmbedder(RetrieverModule):
         normalize: L2-normalise the embeddings (Qwen3-Embedding does; cosine = dot product).
         matryoshka_dims: embedding sizes trained with the Matryoshka loss (each in `[1, hidden_size]`). The
             model still returns full-size embeddings; `truncate_embeddings` gives the views.
+        padding_free: run the backbone on the batch's real tokens only, all texts packed into one sequence
+            with per-text positions and causal attention within each text (`ark_hf.models.packing`); same
+            embeddings as the padded forward. The varlen kernel needs CUDA and bf16/fp16; elsewhere attention
+            falls back to an exact per-text SDPA (one warning).
 
     Attributes:
         model: the backbone, a `peft.PeftModel` when LoRA is on.
@@ -169,6 +174,7 @@ class DecoderEmbedder(RetrieverModule):
         normalize: bool = True,
         matryoshka_dims: list[int] | None = None,
         trust_remote_code: bool = False,
+        padding_free: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(model_name_or_path, (str, os.PathLike)):
@@ -222,6 +228,7 @@ class DecoderEmbedder(RetrieverModule):
             if bad:
                 raise ValueError(f"matryoshka_dims must lie in [1, {hidden_size}] (the hidden size), got {bad}")
         self.matryoshka_dims = matryoshka_dims
+        self.padding_free = padding_free
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -233,6 +240,19 @@ class DecoderEmbedder(RetrieverModule):
     def backbone(self) -> PreTrainedModel:
         """The transformers model under the peft wrapper (the backbone itself without LoRA)."""
         return self.model.get_base_model() if self.is_lora else self.model
+
+    @property
+    def padding_free(self) -> bool:
+        """Packed (padding-free) backbone forward; settable after construction."""
+        return self._padding_free
+
+    @padding_free.setter
+    def padding_free(self, value: bool) -> None:
+        if value:
+            enable_padding_free(self.model)
+        else:
+            disable_padding_free(self.model)
+        self._padding_free = bool(value)
 
     @property
     def is_lora(self) -> bool:
@@ -306,10 +326,14 @@ class DecoderEmbedder(RetrieverModule):
         scores (dot products divided by a small temperature) would otherwise keep only ~3 significant digits.
         """
         attention_mask = features["attention_mask"]
-        hidden = self.model(
-            input_ids=features["input_ids"], attention_mask=attention_mask, use_cache=False, return_dict=True
-        ).last_hidden_state
-        dense = last_token_pool(hidden, attention_mask).float()
+        if self.padding_free:
+            packed = PackedBatch.from_padded(features["input_ids"], attention_mask)
+            dense = packed.pool(packed_hidden_states(self.model, packed, use_cache=False), "last_token").float()
+        else:
+            hidden = self.model(
+                input_ids=features["input_ids"], attention_mask=attention_mask, use_cache=False, return_dict=True
+            ).last_hidden_state
+            dense = last_token_pool(hidden, attention_mask).float()
         if self.normalize:
             dense = F.normalize(dense, p=2, dim=-1)
         return EmbeddingOutput(dense=dense)
