@@ -74,19 +74,40 @@ class _SkipBatch(Exception):
 
 
 def check_output_dir(
-    output_dir: str, *, overwrite: bool, resume_from_checkpoint: Any = None, required_bytes: int = 0
+    output_dir: str,
+    *,
+    overwrite: bool,
+    resume_from_checkpoint: Any = None,
+    required_bytes: int = 0,
+    model_path: str | None = None,
+    data_paths: Sequence[str] = (),
 ) -> None:
     """Refuse a non-empty `output_dir` unless overwriting or resuming was asked for; check it is writable and
-    that its file system has `required_bytes` free (one checkpoint).
+    that its file system has `required_bytes` free (one checkpoint). An `output_dir` equal to or inside the
+    model folder (`model_path`) or a data folder (`data_paths`) is refused even with `overwrite`: the run
+    would overwrite the base model, or the next run would read checkpoints as training data.
 
     Runs before anything is written, so a mistyped path never clobbers a finished model and a full disk
     fails now rather than at the first save, hours in.
     """
+    from ark_hf.utils.locking import LOCK_FILE
+
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"output_dir {output_dir} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite and not resume_from_checkpoint:
-        entries = sorted(p.name for p in path.iterdir())[:5]
+    target = path.resolve()
+    for kind, other in [("model folder (model_name_or_path)", model_path)] + [("data folder", p) for p in data_paths]:
+        if other and os.path.isdir(other):
+            folder = Path(other).resolve()
+            if target == folder or folder in target.parents:
+                where = "is" if target == folder else "is inside"
+                raise OutputDirError(
+                    f"output_dir {output_dir} {where} the {kind} {other}; the run would write into it. "
+                    "Pick an output_dir outside it"
+                )
+    entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE) if path.is_dir() else []
+    if entries and not overwrite and not resume_from_checkpoint:
+        entries = entries[:5]
         raise OutputDirError(
             f"output_dir {output_dir} is not empty (holds {', '.join(entries)}{', ...' if len(entries) == 5 else ''}); "
             "pass overwrite_output_dir=True (--overwrite_output_dir) to write into it, or "
@@ -125,6 +146,11 @@ def check_lengths_and_vocab(model: nn.Module, tokenizer: Any, args: TrainingArgu
         if limit is not None and value is not None and value > limit:
             raise ValueError(f"{name}={value} exceeds the model's position limit of {limit} tokens")
     vocab = getattr(config, "vocab_size", None)
+    if tokenizer is not None:
+        from ark_hf.utils.preflight import check_tokenizer
+
+        folder = getattr(tokenizer, "name_or_path", None)
+        check_tokenizer(tokenizer, vocab_size=vocab, folder=folder if folder and os.path.isdir(folder) else None)
     if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has {vocab} rows: "
@@ -408,6 +434,9 @@ class BaseRetrieverTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ save / load
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        from ark_hf.utils import preflight
+
+        preflight.check_before_training(self, resume_from_checkpoint)
         if self.args.should_save:
             check_output_dir(
                 self.args.output_dir,
@@ -415,7 +444,9 @@ class BaseRetrieverTrainer(Trainer):
                 resume_from_checkpoint=resume_from_checkpoint,
                 required_bytes=checkpoint_bytes(self.model, self.args),
             )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        preflight.check_training_happened(self)
+        return result
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
