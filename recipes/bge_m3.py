@@ -18,9 +18,9 @@ the command line (`--learning_rate 5e-6`); unknown keys are errors. `--help` lis
 from __future__ import annotations
 
 from ark_hf import BGETrainer, BGETrainerConfig
-from ark_hf.trainer.base import check_output_dir
 from ark_hf.trainer.bge_trainer import build_bge_model
 from ark_hf.utils.cli import parse_config
+from ark_hf.utils.preflight import preflight
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,10 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not config.train_data:
         raise SystemExit("train_data is required (--train_data FILE [FILE ...] or in the YAML config)")
     # everything that can fail is checked before the model loads or anything is written
-    check_output_dir(
-        config.output_dir, overwrite=config.overwrite_output_dir, resume_from_checkpoint=config.resume_from_checkpoint
-    )
-    trainer = BGETrainer(model=build_bge_model(config), args=config)
+    records = preflight(config, BGETrainer)  # data, eval data, config, output dir, tokenizer; then the lock
+    trainer = BGETrainer(model=build_bge_model(config), args=config, train_dataset=records)
     metrics: dict = {}
     if trainer.evaluators:
         metrics["before"] = trainer.evaluate()

@@ -35,8 +35,8 @@ from __future__ import annotations
 import os
 
 from ark_hf import DecoderEmbedder, QwenTrainer, QwenTrainerConfig
-from ark_hf.trainer.base import check_output_dir
 from ark_hf.utils.cli import parse_config
+from ark_hf.utils.preflight import preflight
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,10 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
             "no training data: --train_data FILE [FILE ...] or --curriculum PLAN.yaml (or in the YAML config)"
         )
     # everything that can fail is checked before the model loads or anything is written
-    check_output_dir(
-        config.output_dir, overwrite=config.overwrite_output_dir, resume_from_checkpoint=config.resume_from_checkpoint
-    )
-    trainer = QwenTrainer(args=config)
+    records = preflight(config, QwenTrainer)  # data, eval data, config, output dir, tokenizer; then the lock
+    trainer = QwenTrainer(args=config, train_dataset=records)
     metrics: dict = {}
     if trainer.evaluators:
         metrics["before"] = trainer.evaluate()

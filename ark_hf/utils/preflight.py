@@ -473,7 +473,7 @@ def check_before_training(trainer: Any, resume_from_checkpoint: Any = None) -> N
     takes the output directory's lock.
     """
     from ark_hf.data.dataset import TrainGroupDataset
-    from ark_hf.trainer.base import check_output_dir
+    from ark_hf.trainer.base import check_output_dir, checkpoint_bytes
     from ark_hf.utils.locking import acquire_output_dir_lock, check_output_dir_lock
 
     args = trainer.args
@@ -484,8 +484,9 @@ def check_before_training(trainer: Any, resume_from_checkpoint: Any = None) -> N
     model_path = getattr(model, "name_or_path", None) or getattr(args, "model_name_or_path", None)
     check_output_dir(
         args.output_dir,
-        overwrite=True,  # emptiness and disk space: checked by train() itself
+        overwrite=getattr(args, "overwrite_output_dir", False) or not args.should_save,
         resume_from_checkpoint=resume_from_checkpoint,
+        required_bytes=checkpoint_bytes(model, args) if args.should_save else 0,
         model_path=str(model_path) if model_path else None,
         data_paths=[*_paths(getattr(args, "train_data", None)), *_paths(getattr(args, "eval_data", None))],
     )
