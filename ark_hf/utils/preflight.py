@@ -94,7 +94,6 @@ def check_config_values(args: Any) -> None:
         ("eval_batch_size_encode", lambda v: v >= 1, "must be >= 1"),
         ("num_train_epochs", lambda v: v >= 0, "must be >= 0"),
         ("weight_decay", lambda v: v >= 0, "must be >= 0"),
-        ("warmup_ratio", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
     ]
     for key, ok, rule in checks:
         value = getattr(args, key, None)
