@@ -79,7 +79,7 @@ def test_folder_is_sorted_and_each_file_is_a_source(tmp_path):
     (folder / "c.json").write_text(json.dumps([{"query": "c", "pos": ["pc"]}]))
     (folder / "README.md").write_text("# not data")
     (folder / "nested").mkdir()
-    _write_jsonl(folder / "nested" / "z.jsonl", [{"query": "nested files are not read", "pos": ["x"]}])
+    _write_jsonl(folder / "nested" / "z.jsonl", [{"query": "sub-folders are read too", "pos": ["x"]}])
     extra = _write_jsonl(tmp_path / "extra.jsonl", [{"query": "e", "pos": ["pe"]}])
 
     records = load_training_records([folder, extra])
@@ -88,7 +88,8 @@ def test_folder_is_sorted_and_each_file_is_a_source(tmp_path):
         ("a2", os.path.join(str(folder), "a.jsonl"), 0),
         ("b", os.path.join(str(folder), "b.jsonl"), 1),
         ("c", os.path.join(str(folder), "c.json"), 2),
-        ("e", str(extra), 3),
+        ("sub-folders are read too", os.path.join(str(folder), "nested", "z.jsonl"), 3),
+        ("e", str(extra), 4),
     ]
 
     named = load_training_records([folder, extra], source_names=["msmarco", "nq"])
@@ -97,6 +98,7 @@ def test_folder_is_sorted_and_each_file_is_a_source(tmp_path):
         "msmarco/a.jsonl:2",
         "msmarco/b.jsonl:1",
         "msmarco/c.json:1",
+        "msmarco/nested/z.jsonl:1",
         "nq:1",
     ]
 

@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["TrainGroupDataset", "format_instruction"]
+__all__ = ["TrainGroupDataset", "format_instruction", "instruction_keys", "unmatched_instruction_keys"]
 
 
 def format_instruction(text: str, instruction: str | None, template: str) -> str:
@@ -27,6 +27,21 @@ def format_instruction(text: str, instruction: str | None, template: str) -> str
     if not instruction:
         return text
     return template.format(instruction, text)
+
+
+def instruction_keys(source: str) -> tuple[str, str, str]:
+    """The `dataset_instructions` keys that name a record's source: the path as given, the file name, the stem."""
+    name = os.path.basename(source)
+    return source, name, os.path.splitext(name)[0]
+
+
+def unmatched_instruction_keys(
+    records: Sequence[Mapping[str, Any]], instructions: Mapping[str, str]
+) -> tuple[list[str], list[str]]:
+    """`(keys of instructions that match no record's source, the distinct sources)`, for error messages."""
+    sources = sorted({str(r.get("source", "")) for r in records})
+    known = {key for source in sources for key in instruction_keys(source)}
+    return [key for key in instructions if key not in known], sources
 
 
 class TrainGroupDataset(Dataset):
@@ -110,9 +125,7 @@ class TrainGroupDataset(Dataset):
         if record.get("prompt"):
             return record["prompt"]
         if self.dataset_instructions:
-            source = str(record.get("source", ""))
-            name = os.path.basename(source)
-            for key in (source, name, os.path.splitext(name)[0]):
+            for key in instruction_keys(str(record.get("source", ""))):
                 if key in self.dataset_instructions:
                     return self.dataset_instructions[key]
         if isinstance(self.query_instruction, Mapping):

@@ -21,19 +21,25 @@ streamed line by line: only the validated records stay in memory, never the raw 
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import difflib
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Union
 
 from transformers.utils import logging
 
-from .formats import detect_format, normalize_record
+from .formats import ARK_FORMAT, MS_SWIFT_FORMAT, SENTENCE_TRANSFORMERS_FORMAT, detect_format, normalize_record
 from .schema import DataValidationError, ValidationIssue
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +50,26 @@ logger = logging.get_logger(__name__)
 __all__ = ["DATA_FILE_SUFFIXES", "TrainingSource", "load_training_records", "records_to_ir"]
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json")
+# compressed shards (`train.jsonl.gz`) are read through the standard library's decompressors
+COMPRESSED_SUFFIXES: dict[str, Callable[..., IO[bytes]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# top-level fields each layout reads; other fields are ignored and listed once per file
+_KNOWN_FIELDS = {
+    ARK_FORMAT: frozenset({"query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type"}),
+    MS_SWIFT_FORMAT: frozenset(
+        {"messages", "positive_messages", "negative_messages", "pos_scores", "neg_scores", "prompt", "type"}
+    ),
+    SENTENCE_TRANSFORMERS_FORMAT: frozenset(
+        {"anchor", "query", "positive", "negative", "pos_scores", "neg_scores", "prompt", "type"}
+    ),
+}
+# fields of the layouts' own tools that carry nothing for retrieval training: ignored without a word
+_SILENTLY_IGNORED = {MS_SWIFT_FORMAT: frozenset({"label", "images", "videos", "audios", "tools", "objects"})}
+# common spellings of the contract's fields
+_FIELD_ALIASES = {
+    "negatives": "neg", "negative": "neg", "negs": "neg", "hard_negatives": "neg", "positives": "pos",
+    "positive": "pos", "passages": "pos", "question": "query", "queries": "query", "q": "query",
+    "pos_score": "pos_scores", "neg_score": "neg_scores", "instruction": "prompt", "task": "type",
+}  # fmt: skip
 # `datasets` names a dataset after the loader that built it when it has no better name; "json" would make
 # every locally loaded dataset look like the same source.
 _GENERIC_DATASET_NAMES = frozenset({"json", "csv", "parquet", "arrow", "text", "generator", "pandas", "sql"})
@@ -92,13 +118,18 @@ def load_training_records(
     | `*.jsonl` path                         | one JSON object per line; `line` = physical line           |
     | `*.json` path                          | a JSON array (read whole; `line` = element index + 1)      |
     |                                        | or JSON Lines content (`line` = physical line)             |
-    | folder                                 | every `*.jsonl` / `*.json` directly inside, sorted by name |
+    | `*.jsonl.gz`, `.json.bz2`, `.jsonl.xz` | the same, decompressed while streaming                     |
+    | folder                                 | every data file in it and its sub-folders, sorted by path; |
+    |                                        | other files and hidden entries are skipped and reported    |
     | `datasets.Dataset` / `IterableDataset` | one record per row; `line` = 1-based row                   |
     | list or tuple of the above             | each in turn                                               |
 
     Each record may use the ark layout (`query`, `pos`, ...), ms-swift's embedding layout or
     sentence-transformers columns (see `ark_hf.data.formats`); one source must use one layout. Blank lines
-    are skipped, a UTF-8 byte-order mark is tolerated, and fields outside the contract are ignored.
+    are skipped, a UTF-8 byte-order mark is tolerated. A key given twice in one JSON object is an error
+    naming the line; fields outside the layout are ignored and listed once per file in a warning, with a "did
+    you mean" (`negatives` -> `neg`). A broken symbolic link is an error. What was read from each file, and
+    what was skipped and why, is logged (info level; skipped files as a warning).
 
     Args:
         sources: a source or a list of sources.
@@ -129,14 +160,17 @@ def load_training_records(
         collector.add(issue)
 
     records: list[dict[str, Any]] = []
+    report: list[str] = []
     for source_index, source in enumerate(resolved):
         if collector.overflowed:
             break
+        before = len(records)
         _load_source(source, source_index, records, collector, require_teacher_scores=require_teacher_scores)
+        report.append(f"  {source.location}: {len(records) - before} records")
 
     if collector.errors:
         raise DataValidationError(collector.errors, max_shown=None, stopped_early=collector.overflowed)
-    logger.info("Loaded %d training records from %d sources", len(records), len(resolved))
+    logger.info("Loaded %d training records from %d sources:\n%s", len(records), len(resolved), "\n".join(report))
     return records
 
 
@@ -231,31 +265,83 @@ def _resolve_sources(sources: Any, source_names: Sequence[str] | None) -> tuple[
             raise TypeError(f"sources[{index}]: expected a path or a datasets.Dataset, got {type(item).__name__}")
         location = os.fspath(item)
         path = Path(location)
-        if path.is_dir():
-            files = sorted(
-                child for child in path.iterdir() if child.is_file() and child.suffix.lower() in DATA_FILE_SUFFIXES
-            )
-            if not files:
+        if path.is_symlink() and not path.exists():
+            issues.append(ValidationIssue(location, 0, None, f"broken symbolic link (to {os.readlink(path)})"))
+        elif path.is_dir():
+            files, problems = _folder_files(location)
+            issues.extend(problems)
+            if not files and not problems:
                 issues.append(ValidationIssue(location, 0, None, "folder holds no .jsonl or .json files"))
-            for file in files:
-                file_location = os.path.join(location, file.name)
-                file_name = f"{name}/{file.name}" if name is not None else file_location
-                resolved.append(_Source(location=file_location, name=file_name, path=file))
+            for file_location, relative in files:
+                file_name = f"{name}/{relative}" if name is not None else file_location
+                resolved.append(_Source(location=file_location, name=file_name, path=Path(file_location)))
         elif not path.exists():
             issues.append(ValidationIssue(location, 0, None, "no such file or folder"))
-        elif path.suffix.lower() not in DATA_FILE_SUFFIXES:
+        elif _data_suffix(path) is None:
             issues.append(
                 ValidationIssue(
                     location,
                     0,
                     None,
-                    f"unsupported file type '{path.suffix}'; expected .jsonl or .json "
-                    "(load other formats with `datasets` and pass the Dataset)",
+                    f"unsupported file type '{path.suffix or path.name}'; expected .jsonl or .json "
+                    "(load other formats with `datasets` "
+                    "and pass the Dataset)",
                 )
             )
         else:
             resolved.append(_Source(location=location, name=name if name is not None else location, path=path))
     return resolved, issues
+
+
+def _data_suffix(path: Path) -> tuple[str, str | None] | None:
+    """`(".jsonl" | ".json", compression suffix or None)` for a data file name, else None."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] in DATA_FILE_SUFFIXES:
+        return suffixes[-1], None
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSED_SUFFIXES and suffixes[-2] in DATA_FILE_SUFFIXES:
+        return suffixes[-2], suffixes[-1]
+    return None
+
+
+def _folder_files(location: str) -> tuple[list[tuple[str, str]], list[ValidationIssue]]:
+    """Data files under a folder, recursively, sorted by relative path: `[(path, relative path)]`.
+
+    Hidden entries (`.cache/`, `.tmp-*`) and files that are not data are skipped and reported in a warning;
+    broken symbolic links are errors. Symbolic links to folders are followed once (no loops).
+    """
+    files: list[tuple[str, str]] = []
+    issues: list[ValidationIssue] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(location, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        skipped.extend(os.path.relpath(os.path.join(root, d), location) + "/" for d in dirs if d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for entry in sorted(names):
+            full = os.path.join(root, entry)
+            relative = os.path.relpath(full, location)
+            if os.path.islink(full) and not os.path.exists(full):
+                issues.append(ValidationIssue(full, 0, None, f"broken symbolic link (to {os.readlink(full)})"))
+            elif entry.startswith(".") or _data_suffix(Path(entry)) is None:
+                skipped.append(relative)
+            else:
+                files.append((full, relative))
+    files.sort(key=lambda pair: pair[1])
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 10 else "")
+        logger.warning(
+            "%s: skipped %d entr%s that are not data files (.jsonl/.json, optionally %s) or are hidden: %s",
+            location,
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            "/".join(COMPRESSED_SUFFIXES),
+            shown,
+        )
+    return files, issues
 
 
 def _load_source(
@@ -272,6 +358,8 @@ def _load_source(
     num_rows = 0
     dropped_negatives = 0
     records_with_dropped: list[int] = []
+    unknown_fields: Counter[str] = Counter()
+    first_unknown_line: dict[str, int] = {}
     for line, row in rows:
         if collector.overflowed:
             return
@@ -280,6 +368,19 @@ def _load_source(
             collector.add(row)
             continue
         if isinstance(row, Mapping):
+            duplicates = _duplicate_keys(row)
+            if duplicates:
+                for field, first_value in duplicates:
+                    collector.add(
+                        ValidationIssue(
+                            source.location,
+                            line,
+                            field,
+                            f"key given twice in one object (the first value was {_preview(first_value)}); "
+                            "keep one of them",
+                        )
+                    )
+                continue
             layout = detect_format(row)
             if first_layout is None:
                 first_layout = (layout, line)
@@ -294,6 +395,9 @@ def _load_source(
                     )
                 )
                 continue
+            for key in _unknown_fields(row, layout):
+                unknown_fields[key] += 1
+                first_unknown_line.setdefault(key, line)
         record, errors, warnings = normalize_record(
             row,
             source=source.location,
@@ -313,6 +417,20 @@ def _load_source(
                 record["id"] = f"{source.name}:{line}"
             records.append(record)
 
+    if unknown_fields and first_layout is not None:
+        known = sorted(_KNOWN_FIELDS[first_layout[0]])
+        listed = "; ".join(
+            f"'{key}' ({count} record{'s' if count > 1 else ''}, first at line {first_unknown_line[key]})"
+            f"{_field_hint(key, known)}"
+            for key, count in unknown_fields.most_common()
+        )
+        logger.warning(
+            "%s: ignored field(s) that the %s layout does not read: %s. Known fields: %s",
+            source.location,
+            first_layout[0],
+            listed,
+            ", ".join(known),
+        )
     if num_rows == 0:
         what = "dataset has no rows" if source.path is None else "file is empty (no records)"
         collector.add(ValidationIssue(source.location, 0, None, what))
@@ -326,6 +444,81 @@ def _load_source(
         )
 
 
+def _unknown_fields(row: Mapping[str, Any], layout: str) -> list[str]:
+    known = _KNOWN_FIELDS[layout]
+    quiet = _SILENTLY_IGNORED.get(layout, frozenset())
+    unknown = []
+    for key in row:
+        key = str(key)
+        if key in known or key in quiet:
+            continue
+        if layout == SENTENCE_TRANSFORMERS_FORMAT and key.startswith("negative_") and key[9:].isdigit():
+            continue
+        unknown.append(key)
+    return unknown
+
+
+def _field_hint(key: str, known: Sequence[str]) -> str:
+    """`" (did you mean 'neg'?)"` for a misspelt field, or `""`."""
+    alias = _FIELD_ALIASES.get(key.lower())
+    if alias in known:
+        return f" (did you mean '{alias}'?)"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _ObjectWithDuplicates(dict):
+    """A parsed JSON object in which a key occurred twice: keeps the last value, notes each duplicate."""
+
+    duplicates: list[tuple[str, Any]]
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json` object hook that keeps the first value of each duplicated key in view, to report it."""
+    obj: dict[str, Any] = {}
+    duplicates: list[tuple[str, Any]] = []
+    for key, value in pairs:
+        if key in obj:
+            duplicates.append((key, obj[key]))
+        obj[key] = value
+    if not duplicates:
+        return obj
+    marked = _ObjectWithDuplicates(obj)
+    marked.duplicates = duplicates
+    return marked
+
+
+def _duplicate_keys(value: Any, path: str = "") -> list[tuple[str, Any]]:
+    """`(field path, first value)` of every key given twice anywhere inside a parsed record."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(value, _ObjectWithDuplicates):
+        found.extend((f"{path}.{key}" if path else key, first) for key, first in value.duplicates)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                found.extend(_duplicate_keys(item, f"{path}.{key}" if path else str(key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                found.extend(_duplicate_keys(item, f"{path}[{index}]"))
+    return found
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _open_data_file(path: Path) -> IO[bytes]:
+    suffix = _data_suffix(path)
+    opener = COMPRESSED_SUFFIXES.get(suffix[1]) if suffix is not None and suffix[1] else None
+    return opener(path, "rb") if opener is not None else open(path, "rb")
+
+
+# what a truncated or corrupt compressed file raises while it is read
+_DECOMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError)
+
+
 def _iter_dataset(dataset: Any) -> Iterator[tuple[int, Any]]:
     yield from enumerate(dataset, start=1)
 
@@ -334,41 +527,57 @@ def _iter_file(path: Path, location: str) -> Iterator[tuple[int, Any]]:
     """Yield `(line, parsed object)` or `(line, ValidationIssue)` for each non-blank line of a data file."""
     try:
         # Opened outside the `with` so that a failure to open is told apart from errors while reading.
-        handle = open(path, "rb")
+        handle = _open_data_file(path)
     except OSError as error:
         yield 0, ValidationIssue(location, 0, None, f"cannot be read: {error.strerror or error}")
         return
+    line = 0
     with handle:
-        if path.suffix.lower() == ".json" and _starts_with_array(handle):
-            yield from _iter_json_array(handle, location)
-            return
-        # Binary lines, decoded one at a time, so a bad byte is reported on its own line and the rest of the
-        # file is still checked; iterating the handle streams without loading the file.
-        for line, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                yield (
-                    line,
-                    ValidationIssue(
-                        location,
+        try:
+            suffix = _data_suffix(path)
+            if suffix is not None and suffix[0] == ".json" and _starts_with_array(handle):
+                yield from _iter_json_array(handle, location)
+                return
+            # Binary lines, decoded one at a time, so a bad byte is reported on its own line and the rest of
+            # the file is still checked; iterating the handle streams without loading the file.
+            for line, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    yield (
                         line,
-                        "<encoding>",
-                        f"invalid UTF-8 at byte {error.start + 1} of the line ({error.reason})",
-                    ),
-                )
-                continue
-            if line == 1:
-                text = text.removeprefix("\ufeff")
-            if not text.strip():
-                continue
-            try:
-                yield line, json.loads(text)
-            except json.JSONDecodeError as error:
-                yield (
-                    line,
-                    ValidationIssue(location, line, "<json>", f"invalid JSON: {error.msg} at column {error.colno}"),
-                )
+                        ValidationIssue(
+                            location,
+                            line,
+                            "<encoding>",
+                            f"invalid UTF-8 at byte {error.start + 1} of the line ({error.reason})",
+                        ),
+                    )
+                    continue
+                if line == 1:
+                    text = text.removeprefix("\ufeff")
+                if not text.strip():
+                    continue
+                try:
+                    yield line, json.loads(text, object_pairs_hook=_object_pairs)
+                except json.JSONDecodeError as error:
+                    yield (
+                        line,
+                        ValidationIssue(
+                            location, line, "<json>", f"invalid JSON: {error.msg} at column {error.colno}"
+                        ),
+                    )
+        except _DECOMPRESSION_ERRORS as error:
+            yield (
+                line + 1,
+                ValidationIssue(
+                    location,
+                    line + 1,
+                    "<file>",
+                    f"cannot be decompressed after line {line} ({type(error).__name__}: {error}); "
+                    "the file is truncated or corrupt",
+                ),
+            )
 
 
 def _starts_with_array(handle: IO[bytes]) -> bool:
@@ -396,7 +605,7 @@ def _iter_json_array(handle: IO[bytes], location: str) -> Iterator[tuple[int, An
         yield line, ValidationIssue(location, line, "<encoding>", f"invalid UTF-8 ({error.reason})")
         return
     try:
-        elements = json.loads(text)
+        elements = json.loads(text, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as error:
         yield (
             error.lineno,

@@ -20,7 +20,7 @@ from ark_hf.data.dataset import format_instruction
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["IREvaluator", "METRICS", "compute_metrics", "load_ir_data"]
+__all__ = ["EvalDataError", "IREvaluator", "METRICS", "compute_metrics", "load_ir_data"]
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map")
 MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
@@ -43,15 +43,94 @@ def compute_metrics(
     return {key: float(aggregated[measure]) for key, measure in measures.items()}
 
 
-def load_ir_data(path: str | Path) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
-    """Read an evaluation set from one JSON file `{"queries": {...}, "corpus": {...}, "qrels": {...}}`."""
-    with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
+class EvalDataError(ValueError):
+    """An evaluation set that cannot be scored as given; the message lists every problem (file and key)."""
+
+
+def load_ir_data(
+    path: str | Path, *, max_errors: int = 20
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """Read and validate an evaluation set from one JSON file `{"queries": {...}, "corpus": {...}, "qrels": {...}}`.
+
+    `queries` and `corpus` map ids to non-empty strings, `qrels` maps a query id to `{doc_id: relevance}`
+    (an integer; > 0 is relevant). Checked before any model loads, each problem named by file and key:
+    a key given twice, an empty corpus, qrels written as lists, non-string texts, qrels naming a query or a
+    document that is not in `queries` / `corpus` (scored silently, they would lower recall), no relevant
+    document at all.
+
+    Example message:
+        `dev.json: key 'qrels.q7': names document 'd9' that is not in 'corpus'`
+
+    Raises:
+        EvalDataError: listing up to `max_errors` problems.
+        FileNotFoundError: the file does not exist.
+    """
+    from ark_hf.data.loading import _duplicate_keys, _object_pairs, _preview
+
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle, object_pairs_hook=_object_pairs)
+    except json.JSONDecodeError as error:
+        raise EvalDataError(f"{path}:{error.lineno}: invalid JSON: {error.msg} at column {error.colno}") from error
+    except UnicodeDecodeError as error:
+        raise EvalDataError(f"{path}: invalid UTF-8 ({error.reason})") from error
+    problems: list[str] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(f"{path}: key '{key}': {message}")
+
+    if not isinstance(data, dict):
+        raise EvalDataError(
+            f"{path}: expected an object with 'queries', 'corpus' and 'qrels', got {type(data).__name__}"
+        )
+    for key, first in _duplicate_keys(data):
+        problem(key, f"given twice (the first value was {_preview(first)}); keep one of them")
     for key in ("queries", "corpus", "qrels"):
-        if key not in data or not isinstance(data[key], dict):
-            raise ValueError(f"{path}: field '{key}': expected an object")
-    qrels = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in data["qrels"].items()}
-    return {str(k): v for k, v in data["queries"].items()}, {str(k): v for k, v in data["corpus"].items()}, qrels
+        if key not in data:
+            problem(key, "missing; expected an object")
+        elif not isinstance(data[key], dict):
+            shape = ' ({qid: {doc_id: relevance}}, e.g. {"q1": {"d3": 1}})' if key == "qrels" else ""
+            problem(key, f"expected an object{shape}, got {type(data[key]).__name__}")
+    if problems:
+        raise EvalDataError("evaluation data failed validation:\n" + "\n".join(problems))
+    queries = {str(k): v for k, v in data["queries"].items()}
+    corpus = {str(k): v for k, v in data["corpus"].items()}
+    if not corpus:
+        problem("corpus", "is empty; there is nothing to retrieve")
+    for table_name, table in (("queries", queries), ("corpus", corpus)):
+        for key, text in table.items():
+            if not isinstance(text, str) or not text.strip():
+                got = type(text).__name__ if not isinstance(text, str) else "an empty string"
+                problem(f"{table_name}.{key}", f"expected a non-empty string, got {got}")
+    qrels: dict[str, dict[str, int]] = {}
+    for qid, docs in data["qrels"].items():
+        qid = str(qid)
+        if not isinstance(docs, dict):
+            problem(
+                f"qrels.{qid}",
+                f"expected an object {{doc_id: relevance}}, got {type(docs).__name__} ({_preview(docs)})",
+            )
+            continue
+        if qid not in queries:
+            problem(f"qrels.{qid}", "names a query that is not in 'queries'")
+        judged: dict[str, int] = {}
+        for doc_id, relevance in docs.items():
+            doc_id = str(doc_id)
+            if isinstance(relevance, bool) or not isinstance(relevance, int):
+                problem(f"qrels.{qid}.{doc_id}", f"expected an integer relevance, got {type(relevance).__name__}")
+                continue
+            if doc_id not in corpus:
+                problem(f"qrels.{qid}", f"names document '{doc_id}' that is not in 'corpus'")
+            judged[doc_id] = relevance
+        qrels[qid] = judged
+    if not problems and not any(r > 0 for docs in qrels.values() for r in docs.values()):
+        problem("qrels", "no query has a relevant document (relevance > 0)")
+    if problems:
+        shown = problems[:max_errors]
+        more = f"\n... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise EvalDataError(f"evaluation data failed validation ({len(problems)} errors):\n" + "\n".join(shown) + more)
+    return queries, corpus, qrels
 
 
 class IREvaluator:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
-from typing import Any
 
 import torch
 from torch import Tensor

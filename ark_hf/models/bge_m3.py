@@ -33,6 +33,14 @@ from ark_hf.models.packing import (
     position_offset,
 )
 from ark_hf.models.st_layout import write_sentence_transformers_layout
+from ark_hf.utils.preflight import (
+    ModelFileError,
+    check_checkpoint_matches,
+    check_tokenizer,
+    check_weight_files,
+    load_head_state,
+    read_json_file,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -58,6 +66,16 @@ def _find_file(path: str, filename: str, **hub_kwargs: Any) -> str | None:
         _raise_exceptions_for_connection_errors=False,
         **hub_kwargs,
     )
+
+
+def _load_checked_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer, refused (before the weights load) when it cannot be the model's."""
+    from transformers import AutoConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    vocab_size = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "vocab_size", None)
+    check_tokenizer(tokenizer, vocab_size=vocab_size, folder=name if os.path.isdir(name) else None)
+    return tokenizer
 
 
 class BGEM3Model(RetrieverModule):
@@ -120,7 +138,10 @@ class BGEM3Model(RetrieverModule):
         self.pooling = pooling
         self.normalize = normalize
 
+        if backbone is None and tokenizer is None:  # the tokenizer is checked before any weights load
+            tokenizer = _load_checked_tokenizer(name, trust_remote_code)
         if backbone is None:
+            check_weight_files(name)  # truncated safetensors: named here, not deep inside safetensors
             load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             if torch_dtype is not None:
                 load_kwargs["dtype"] = torch_dtype
@@ -151,8 +172,8 @@ class BGEM3Model(RetrieverModule):
         colbert_file = _find_file(self.name_or_path, COLBERT_FILE) if name is not None else None
         sparse_file = _find_file(self.name_or_path, SPARSE_FILE) if name is not None else None
         if colbert_file and sparse_file:
-            colbert_state = torch.load(colbert_file, map_location="cpu", weights_only=True)
-            sparse_state = torch.load(sparse_file, map_location="cpu", weights_only=True)
+            colbert_state = load_head_state(colbert_file, hidden_size=hidden)
+            sparse_state = load_head_state(sparse_file, hidden_size=hidden, out_features=1)
             self.colbert_linear = nn.Linear(hidden, colbert_state["weight"].shape[0])
             self.sparse_linear = nn.Linear(hidden, 1)
             self.colbert_linear.load_state_dict(colbert_state)
@@ -200,8 +221,11 @@ class BGEM3Model(RetrieverModule):
         info_file = _find_file(path, HEADS_INFO_FILE)
         if info_file is None:
             return {}
-        with open(info_file, encoding="utf-8") as handle:
-            return json.load(handle)
+        expected = 'an object such as {"has_heads": true, "heads_trained": true, "pooling": "cls"}'
+        info = read_json_file(info_file, expected)
+        if not isinstance(info, dict):
+            raise ModelFileError(f"{info_file}: holds a {type(info).__name__}; expected {expected}")
+        return info
 
     @classmethod
     def _read_heads_info(cls, path: str) -> bool:
@@ -468,6 +492,7 @@ class BGEM3Model(RetrieverModule):
 
     def load_weights_from(self, path: str | os.PathLike) -> None:
         """Restore backbone and head weights in place from a folder written by `save_pretrained`."""
+        check_checkpoint_matches(path, self.config)  # another model's checkpoint: named, before any load
         reloaded = type(self).from_pretrained(
             str(path), unified_finetuning=self.unified_finetuning, pooling=self.pooling, normalize=self.normalize,
             init_missing_heads=not self.has_heads, tokenizer=self.tokenizer,

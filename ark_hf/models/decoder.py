@@ -58,6 +58,7 @@ from ark_hf.data.collator import tokenize_with_eos
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule, truncate_embeddings
 from ark_hf.models.packing import PackedBatch, disable_padding_free, enable_padding_free, packed_hidden_states
 from ark_hf.models.st_layout import write_sentence_transformers_layout
+from ark_hf.utils.preflight import check_checkpoint_matches, check_tokenizer, check_weight_files
 
 logger = logging.get_logger(__name__)
 
@@ -118,6 +119,20 @@ def resolve_eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
             "token that closes every text"
         )
     return tokenizer.eos_token_id
+
+
+def _load_checked_tokenizer(
+    name: str, tokenizer: str | os.PathLike | None, trust_remote_code: bool
+) -> PreTrainedTokenizerBase:
+    """The tokenizer (the model folder's unless named), refused before the weights load when it cannot be the
+    model's (see `ark_hf.utils.preflight.check_tokenizer`)."""
+    from transformers import AutoConfig
+
+    source = str(tokenizer) if tokenizer is not None else name
+    loaded = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    vocab_size = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "vocab_size", None)
+    check_tokenizer(loaded, vocab_size=vocab_size, folder=source if os.path.isdir(source) else None)
+    return loaded
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -183,6 +198,9 @@ class DecoderEmbedder(RetrieverModule):
                 raise ValueError(
                     f"{name} holds LoRA adapters, not a model; load it with DecoderEmbedder.from_pretrained({name!r})"
                 )
+            if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):  # checked before any weights load
+                tokenizer = _load_checked_tokenizer(name, tokenizer, trust_remote_code)
+            check_weight_files(name)  # truncated safetensors: named here, not deep inside safetensors
             load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             if torch_dtype is not None:
                 load_kwargs["dtype"] = torch_dtype
@@ -640,6 +658,7 @@ class DecoderEmbedder(RetrieverModule):
         from ark_hf.merging import load_checkpoint_weights
 
         path = Path(path)
+        check_checkpoint_matches(path, self.config)  # another model's checkpoint: named, before any load
         if self.is_lora:
             from peft import set_peft_model_state_dict
 

@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -43,81 +41,22 @@ from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
 from ark_hf.models.outputs import RetrieverOutput
 from ark_hf.trainer.atomic_save import TRAINING_ARGS_NAME, AtomicSaveMixin
 from ark_hf.trainer.base_config import RetrieverConfig
+from ark_hf.utils import preflight
+from ark_hf.utils.preflight import (
+    NonFiniteLossError,
+    OutputDirError,
+    check_lengths_and_vocab,
+    check_output_dir,
+    checkpoint_bytes,
+)
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["TRAINING_ARGS_NAME", "BaseRetrieverTrainer", "NonFiniteLossError", "OutputDirError", "check_output_dir"]
 
 
-class OutputDirError(FileExistsError):
-    """The output directory holds another run and the caller did not allow overwriting it."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss or loss component became NaN or infinite."""
-
-
 class _SkipBatch(Exception):
     """Raised inside `compute_loss` under `nan_policy='skip'`; `training_step` drops the batch."""
-
-
-def check_output_dir(
-    output_dir: str, *, overwrite: bool, resume_from_checkpoint: Any = None, required_bytes: int = 0
-) -> None:
-    """Refuse a non-empty `output_dir` unless overwriting or resuming was asked for; check it is writable and
-    that its file system has `required_bytes` free (one checkpoint).
-
-    Runs before anything is written, so a mistyped path never clobbers a finished model and a full disk
-    fails now rather than at the first save, hours in.
-    """
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"output_dir {output_dir} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite and not resume_from_checkpoint:
-        entries = sorted(p.name for p in path.iterdir())[:5]
-        raise OutputDirError(
-            f"output_dir {output_dir} is not empty (holds {', '.join(entries)}{', ...' if len(entries) == 5 else ''}); "
-            "pass overwrite_output_dir=True (--overwrite_output_dir) to write into it, or "
-            "resume_from_checkpoint to continue that run"
-        )
-    probe = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
-    if not probe.is_dir():
-        raise OutputDirError(f"output_dir {output_dir}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK):
-        raise OutputDirError(f"output_dir {output_dir}: {probe} is not writable")
-    free = shutil.disk_usage(probe).free
-    if required_bytes and free < required_bytes:
-        raise OutputDirError(
-            f"output_dir {output_dir}: {free / 2**30:.2f} GiB free on its file system, but one checkpoint needs "
-            f"about {required_bytes / 2**30:.2f} GiB"
-        )
-
-
-def checkpoint_bytes(model: nn.Module, args: TrainingArguments) -> int:
-    """Rough size of one checkpoint: weights, plus AdamW's two moments unless only the model is saved."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + (0 if args.save_only_model else 8 * trainable)
-
-
-def check_lengths_and_vocab(model: nn.Module, tokenizer: Any, args: TrainingArguments) -> None:
-    """Max lengths within the model's position limit and a tokenizer that fits the embedding matrix."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        limit -= config.pad_token_id + 1  # RoBERTa-style positions start after the padding index
-    for name in ("query_max_len", "passage_max_len"):
-        value = getattr(args, name, None)
-        if limit is not None and value is not None and value > limit:
-            raise ValueError(f"{name}={value} exceeds the model's position limit of {limit} tokens")
-    vocab = getattr(config, "vocab_size", None)
-    if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has {vocab} rows: "
-            "tokenizer and model do not belong together"
-        )
 
 
 class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
@@ -241,7 +180,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         """Check and adjust a model against the config before training (freezing, head switches)."""
         return model
 
-    def uses_teacher_scores(self, args: TrainingArguments) -> bool:
+    @staticmethod
+    def uses_teacher_scores(args: TrainingArguments) -> bool:
         """Whether records must carry `pos_scores`/`neg_scores` (distillation from precomputed scores)."""
         return False
 
@@ -537,6 +477,7 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         return loss.detach(), None, None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        preflight.check_before_training(self, resume_from_checkpoint)
         if self.args.should_save:
             check_output_dir(
                 self.args.output_dir,
@@ -544,4 +485,6 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
                 resume_from_checkpoint=resume_from_checkpoint,
                 required_bytes=checkpoint_bytes(self.model, self.args),
             )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        preflight.check_training_happened(self)
+        return result

@@ -113,7 +113,8 @@ class BGETrainer(BaseRetrieverTrainer):
             model.unified_finetuning = args.unified_finetuning
         return model
 
-    def uses_teacher_scores(self, args: BGETrainerConfig) -> bool:
+    @staticmethod
+    def uses_teacher_scores(args: BGETrainerConfig) -> bool:
         # precomputed scores come from the data unless an online teacher replaces them
         return args.knowledge_distillation and not args.teacher_model
 

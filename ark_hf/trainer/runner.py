@@ -13,8 +13,9 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ark_hf.trainer.base import BaseRetrieverTrainer, check_output_dir
+from ark_hf.trainer.base import BaseRetrieverTrainer
 from ark_hf.utils.cli import parse_config
+from ark_hf.utils.preflight import preflight
 
 logger = logging.get_logger(__name__)
 
@@ -56,11 +57,10 @@ def run_recipe(
         raise SystemExit(
             "no training data: --train_data FILE [FILE ...] or --curriculum PLAN.yaml (or in the YAML config)"
         )
-    # everything that can fail is checked before the model loads or anything is written
-    check_output_dir(
-        config.output_dir, overwrite=config.overwrite_output_dir, resume_from_checkpoint=config.resume_from_checkpoint
-    )
-    trainer = trainer_class(args=config)
+    # everything that can fail is checked before the model loads or anything is written: config values, output
+    # dir (and its lock), data, eval data, metric_for_best_model, the model's tokenizer and weight files
+    records = preflight(config, trainer_class)
+    trainer = trainer_class(args=config, train_dataset=records)
     metrics: dict[str, Any] = {}
     if trainer.evaluators:
         metrics["before"] = trainer.evaluate()

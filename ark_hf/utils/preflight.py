@@ -1,0 +1,613 @@
+"""Checks that run before any model weights load and before anything is written.
+
+Every way a run can be wrong from the start (a config value, the output directory, the training or
+evaluation data, the tokenizer, a weight file, a checkpoint to resume) is checked here, cheaply, so the
+error comes in seconds and names the file and line or the config key, instead of hours in or never.
+
+```python
+from ark_hf import BGETrainer, BGETrainerConfig
+from ark_hf.utils.preflight import preflight
+
+config = BGETrainerConfig(output_dir="out/m3", model_name_or_path="BAAI/bge-m3", train_data=["data/"])
+records = preflight(config, BGETrainer)  # validated records; the output_dir lock is now held
+trainer = BGETrainer(model=None, args=config, train_dataset=records)
+```
+
+`BaseRetrieverTrainer.train()` runs the subset that needs the built trainer (`check_before_training`:
+zero-step runs, `dataloader_drop_last` with too few records, `metric_for_best_model`, the lock) and, after
+training, `check_training_happened` (a run whose every batch was skipped fails).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+from ark_hf.utils.cli import ConfigError, did_you_mean
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "ModelFileError",
+    "TokenizerError",
+    "check_batches",
+    "check_before_training",
+    "check_checkpoint_matches",
+    "check_config_values",
+    "check_eval_data",
+    "check_metric_for_best_model",
+    "check_model_folder",
+    "check_safetensors_file",
+    "check_tokenizer",
+    "check_training_happened",
+    "check_weight_files",
+    "load_head_state",
+    "preflight",
+    "read_json_file",
+]
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
+PROBE_SENTENCE = "The quick brown fox jumps over the lazy dog; 2024 permits cost 150 euros."
+# a tokenizer with fewer entries than this share of the embedding rows was not made for the model
+MIN_VOCAB_SHARE = 0.5
+# config entries that must agree between a model and a checkpoint resumed into it
+CHECKPOINT_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+class ModelFileError(ValueError):
+    """A model file (weights, head, `m3_heads.json`, checkpoint) is unreadable or not what the model needs."""
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot belong to the model (far too small, or it turns text into unknown/no tokens)."""
+
+
+# ------------------------------------------------------------------------------------------ config values
+def check_config_values(args: Any) -> None:
+    """Refuse values that torch or transformers would only reject after the model loads (or never).
+
+    Raises:
+        ConfigError: naming the key, e.g. `key 'learning_rate': must be >= 0, got -1e-05`.
+    """
+    checks = [
+        ("learning_rate", lambda v: v >= 0 and math.isfinite(v), "must be a finite number >= 0"),
+        ("per_device_train_batch_size", lambda v: v >= 1, "must be >= 1"),
+        ("per_device_eval_batch_size", lambda v: v >= 1, "must be >= 1"),
+        ("gradient_accumulation_steps", lambda v: v >= 1, "must be >= 1"),
+        ("eval_batch_size_encode", lambda v: v >= 1, "must be >= 1"),
+        ("num_train_epochs", lambda v: v >= 0, "must be >= 0"),
+        ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ]
+    for key, ok, rule in checks:
+        value = getattr(args, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            raise ConfigError(f"key '{key}': {rule}, got {value}")
+    max_steps = getattr(args, "max_steps", -1)
+    epochs = getattr(args, "num_train_epochs", 1)
+    if (max_steps is None or max_steps <= 0) and epochs <= 0 and not getattr(args, "curriculum", None):
+        raise ConfigError(
+            f"key 'num_train_epochs': {epochs} with max_steps unset trains zero steps; set num_train_epochs > 0 "
+            "or max_steps > 0"
+        )
+
+
+def check_batches(num_records: int, args: Any, *, world_size: int | None = None) -> None:
+    """With `dataloader_drop_last`, refuse fewer records than one global batch (every batch would be dropped)."""
+    world = world_size if world_size is not None else getattr(args, "world_size", 1)
+    batch = args.per_device_train_batch_size * world
+    if getattr(args, "dataloader_drop_last", False) and num_records < batch:
+        raise ConfigError(
+            f"key 'dataloader_drop_last': {num_records} training records are fewer than one batch "
+            f"(per_device_train_batch_size={args.per_device_train_batch_size} x {world} process(es) = {batch}), "
+            "so every batch would be dropped and nothing trained; add data, lower the batch size or turn "
+            "dataloader_drop_last off"
+        )
+    if num_records == 0:
+        raise ConfigError("no training records: nothing to train on")
+
+
+def metric_keys(modes: Iterable[str], name: str = "") -> set[str]:
+    """The keys an `IREvaluator` with these modes reports (without the Trainer's `eval_` prefix)."""
+    from ark_hf.evaluation.ir import METRICS
+
+    prefix = f"{name}_" if name else ""
+    return {f"{prefix}{mode}_{metric}" for mode in modes for metric in METRICS}
+
+
+def check_metric_for_best_model(args: Any, computed: set[str], *, has_eval_loss: bool = False) -> None:
+    """Refuse a `metric_for_best_model` that the evaluation will not compute (it would fail at the first
+    evaluation, `eval_steps` into training).
+
+    Args:
+        args: the config.
+        computed: metric keys the evaluators report (`metric_keys`), without `eval_`.
+        has_eval_loss: an `eval_dataset` is evaluated, so `loss` exists too.
+    """
+    metric = getattr(args, "metric_for_best_model", None)
+    evaluates = bool(computed) or has_eval_loss
+    if metric is None:
+        return
+    if not evaluates:
+        if getattr(args, "load_best_model_at_end", False):
+            raise ConfigError(
+                f"key 'metric_for_best_model': '{metric}' with load_best_model_at_end, but there is no evaluation "
+                "data (eval_data) to compute it"
+            )
+        return
+    key = metric[len("eval_") :] if metric.startswith("eval_") else metric
+    available = set(computed) | ({"loss"} if has_eval_loss else set())
+    if key not in available:
+        choices = ", ".join(sorted(available)[:12])
+        more = "" if len(available) <= 12 else f", ... ({len(available)} in all)"
+        hint = did_you_mean(key, available)
+        raise ConfigError(
+            f"key 'metric_for_best_model': '{metric}' is not computed by the evaluation"
+            f" (eval_modes={list(getattr(args, 'eval_modes', []) or [])}){hint}; it reports {choices}{more}"
+        )
+
+
+# -------------------------------------------------------------------------------------------- model files
+def read_json_file(path: str | os.PathLike, what: str) -> Any:
+    """`json.load` of a model file, with an error naming the file and what it should hold."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFileError(f"{path}: cannot be read as JSON ({error}); expected {what}") from error
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Check a `.safetensors` file's header and size without reading its tensors (truncation, corruption).
+
+    The format is an 8-byte little-endian header length `N`, `N` bytes of JSON (`name -> {dtype, shape,
+    data_offsets}`), then the tensor bytes; the largest end offset must equal the bytes after the header.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    expected = "a safetensors file (8-byte header length, JSON header, tensor data)"
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ModelFileError(f"{path}: truncated ({size} bytes); expected {expected}")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise ModelFileError(
+                f"{path}: truncated or corrupt: the header says {header_len} header bytes but the file has "
+                f"{size} bytes in all; expected {expected}"
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelFileError(f"{path}: corrupt header ({error}); expected {expected}") from error
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: corrupt header; expected {expected}")
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    need = max(ends, default=0)
+    have = size - 8 - header_len
+    if need != have:
+        raise ModelFileError(
+            f"{path}: truncated or corrupt: its {len(ends)} tensors need {need} data bytes but the file holds "
+            f"{have}; re-download or re-save the model"
+        )
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Check every safetensors file of a local model folder (and that a sharded index's shards exist)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for index_file in folder.glob("*.safetensors.index.json"):
+        index = read_json_file(index_file, "a safetensors index with a 'weight_map'")
+        shards = sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise ModelFileError(f"{index_file}: names shard(s) that are missing: {', '.join(missing)}")
+    for file in sorted(folder.glob("*.safetensors")):
+        check_safetensors_file(file)
+
+
+def load_head_state(path: str | os.PathLike, *, hidden_size: int, out_features: int | None = None) -> dict:
+    """Read a BGE-M3 head file (`colbert_linear.pt` / `sparse_linear.pt`), checking it is a complete state dict
+    of an `nn.Linear(hidden_size, out_features)`.
+
+    Raises:
+        ModelFileError: naming the file and the expected keys and shapes.
+    """
+    import torch
+
+    shape = f"[{out_features if out_features is not None else 'dim'}, {hidden_size}]"
+    expected = f"a state dict of nn.Linear: 'weight' {shape} and 'bias' [{out_features or 'dim'}]"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle errors, ...: torch names no file
+        raise ModelFileError(
+            f"{path}: cannot be read ({type(error).__name__}: {error}); the file may be truncated; expected {expected}"
+        ) from error
+    if not isinstance(state, dict) or set(state) != {"weight", "bias"}:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ModelFileError(f"{path}: holds {keys}; expected {expected}")
+    weight, bias = state["weight"], state["bias"]
+    ok = (
+        weight.dim() == 2
+        and weight.shape[1] == hidden_size
+        and (out_features is None or weight.shape[0] == out_features)
+        and tuple(bias.shape) == (weight.shape[0],)
+    )
+    if not ok:
+        raise ModelFileError(
+            f"{path}: 'weight' has shape {list(weight.shape)} and 'bias' {list(bias.shape)}; expected {expected} "
+            f"(the model's hidden size is {hidden_size}: is this head from another model?)"
+        )
+    return state
+
+
+def check_checkpoint_matches(checkpoint: str | os.PathLike, model_config: Any) -> None:
+    """Refuse resuming from a checkpoint of another model: its `config.json` must agree on the architecture.
+
+    Args:
+        checkpoint: the checkpoint folder.
+        model_config: the model's `PretrainedConfig` (or a dict).
+    """
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise ConfigError(f"key 'resume_from_checkpoint': {checkpoint} is not a folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        if (folder / "adapter_config.json").is_file() or (folder / "lora_adapter").is_dir():
+            return  # adapter-only checkpoints are checked by peft when loaded
+        raise ModelFileError(f"{folder}: no config.json; expected a checkpoint folder written by this trainer")
+    saved = read_json_file(config_file, "a model config")
+    current = model_config if isinstance(model_config, dict) else model_config.to_dict()
+    differ = [
+        f"{key}: checkpoint {saved.get(key)!r}, model {current.get(key)!r}"
+        for key in CHECKPOINT_CONFIG_KEYS
+        if key in saved and key in current and saved.get(key) != current.get(key)
+    ]
+    if differ:
+        raise ModelFileError(
+            f"{folder}: this checkpoint belongs to another model ({'; '.join(differ)}); resume from a checkpoint "
+            "of this run's model_name_or_path"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def _tokenizer_files_note(folder: str | os.PathLike | None) -> str:
+    if folder is None or not Path(folder).is_dir():
+        return ""
+    found = [name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+    if not found:
+        return f"; {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
+    return f"; tokenizer files in {folder}: {', '.join(found)}"
+
+
+def check_tokenizer(tokenizer: Any, *, vocab_size: int | None = None, folder: str | os.PathLike | None = None) -> None:
+    """Refuse a tokenizer that cannot belong to the model.
+
+    A folder without tokenizer files still "loads" a tokenizer that transformers builds from nothing (5 tokens
+    for XLM-R, so every word is `<unk>`; 1 token for Qwen3, so every text is empty). Refused here: a
+    vocabulary smaller than `MIN_VOCAB_SHARE` of the embedding matrix's rows, and a tokenizer that maps the
+    probe sentence to no ids or only unknown ids. (A tokenizer *larger* than the matrix is refused by the
+    trainer's `check_lengths_and_vocab`.)
+
+    Args:
+        tokenizer: the tokenizer.
+        vocab_size: rows of the model's embedding matrix (`config.vocab_size`).
+        folder: where it was loaded from, to list the tokenizer files found (or missing) there.
+
+    Raises:
+        TokenizerError: naming the folder and its tokenizer files.
+    """
+    where = f"{folder}: " if folder is not None else ""
+    note = _tokenizer_files_note(folder)
+    size = len(tokenizer)
+    if vocab_size is not None and size < MIN_VOCAB_SHARE * vocab_size:
+        raise TokenizerError(
+            f"{where}the tokenizer has {size} tokens but the model's embedding matrix has {vocab_size} rows: it "
+            f"is not this model's tokenizer (missing or wrong tokenizer files){note}"
+        )
+    ids = tokenizer(PROBE_SENTENCE, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids:
+        raise TokenizerError(f"{where}the tokenizer turns the sentence {PROBE_SENTENCE!r} into no tokens{note}")
+    if unk is not None and all(token == unk for token in ids):
+        raise TokenizerError(
+            f"{where}the tokenizer maps every token of {PROBE_SENTENCE!r} to the unknown token "
+            f"{tokenizer.unk_token!r}{note}"
+        )
+
+
+def check_model_folder(name: str, *, trust_remote_code: bool = False) -> Any:
+    """Load a model's config and tokenizer (no weights), check the tokenizer and the weight files.
+
+    Returns:
+        The model's `PretrainedConfig` (None for adapter-only folders, whose base model is checked on load).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = name if os.path.isdir(name) else None
+    if folder is not None and (Path(folder) / "adapter_config.json").is_file():
+        return None
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    check_tokenizer(tokenizer, vocab_size=getattr(config, "vocab_size", None), folder=folder)
+    if folder is not None:
+        check_weight_files(folder)
+    return config
+
+
+# ------------------------------------------------------------------------------------------------- data
+def check_eval_data(path: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """Read and validate the evaluation set (`queries`/`corpus`/`qrels` JSON or training-record jsonl)."""
+    if str(path).endswith(".json"):
+        from ark_hf.evaluation.ir import load_ir_data
+
+        return load_ir_data(path)
+    from ark_hf.data.loading import load_training_records, records_to_ir
+
+    return records_to_ir(load_training_records(path))
+
+
+def check_dataset_instructions(records: Sequence[dict], instructions: dict | None) -> None:
+    """Refuse `dataset_instructions` keys that match no training file (they would silently never apply)."""
+    if not instructions:
+        return
+    from ark_hf.data.dataset import unmatched_instruction_keys
+
+    unmatched, names = unmatched_instruction_keys(records, instructions)
+    if unmatched:
+        raise ConfigError(
+            f"key 'dataset_instructions': {', '.join(repr(k) for k in unmatched)} match(es) no training file; "
+            f"the files are {', '.join(names)} (a key is a path as given, a file name, or a file name without "
+            "its extension)"
+        )
+
+
+def _paths(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [os.fspath(value)]
+    return [os.fspath(v) for v in value if isinstance(v, (str, os.PathLike))]
+
+
+# ------------------------------------------------------------------------------------------- entry points
+def preflight(config: Any, trainer_cls: type | None = None) -> list[dict] | None:
+    """Every check that needs no model weights, in the order a user would want the errors; then the lock.
+
+    Order: config values, the output directory (lock, emptiness, not inside the model or data folder), the
+    checkpoint to resume, the training data (validated, instruction keys, enough for one batch), the
+    evaluation data and `metric_for_best_model`, the model's config, tokenizer and weight files, and whether
+    the checkpoint belongs to that model. Nothing is written until all pass; then the output directory's lock
+    is taken (held until the process exits).
+
+    Args:
+        config: a `RetrieverConfig` (`BGETrainerConfig`, `QwenTrainerConfig`).
+        trainer_cls: the trainer class whose `load_records` reads the data (teacher-score requirements differ).
+
+    Returns:
+        The validated training records (pass them as `train_dataset` so they are not read twice), or `None`
+        when the config has no `train_data` (a curriculum validates its own stages).
+    """
+    from ark_hf.utils.locking import acquire_output_dir_lock, check_output_dir_lock
+
+    check_config_values(config)
+    train_data = _paths(getattr(config, "train_data", None))
+    eval_data = getattr(config, "eval_data", None)
+    model_path = getattr(config, "model_name_or_path", None)
+    resume = getattr(config, "resume_from_checkpoint", None)
+    check_output_dir_lock(config.output_dir)
+    check_output_dir(
+        config.output_dir,
+        overwrite=getattr(config, "overwrite_output_dir", False),
+        resume_from_checkpoint=resume,
+        model_path=model_path,
+        data_paths=[*train_data, *_paths(eval_data)],
+    )
+    if isinstance(resume, str) and not os.path.isdir(resume):
+        raise ConfigError(f"key 'resume_from_checkpoint': {resume} is not a checkpoint folder")
+
+    records = None
+    if train_data:
+        from ark_hf.data.loading import load_training_records
+
+        require = trainer_cls.uses_teacher_scores(config) if trainer_cls is not None else False
+        records = load_training_records(
+            train_data, require_teacher_scores=require, max_errors=getattr(config, "max_validation_errors", 20)
+        )
+        check_dataset_instructions(records, getattr(config, "dataset_instructions", None))
+        check_batches(len(records), config)
+    if eval_data:
+        check_eval_data(eval_data)
+    computed = metric_keys(getattr(config, "eval_modes", ["dense"])) if eval_data else set()
+    check_metric_for_best_model(config, computed)
+    if model_path:
+        model_config = check_model_folder(model_path, trust_remote_code=getattr(config, "trust_remote_code", False))
+        if isinstance(resume, str) and model_config is not None:
+            check_checkpoint_matches(resume, model_config)
+    if config.should_save:
+        acquire_output_dir_lock(config.output_dir)
+    return records
+
+
+class _MicroBatchCounter(TrainerCallback):
+    """Counts the micro-batches run in one `train()` call (every `training_step`)."""
+
+    def __init__(self) -> None:
+        self.micro_batches = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.micro_batches = 0
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.micro_batches += 1
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.micro_batches += 1
+
+
+def check_before_training(trainer: Any, resume_from_checkpoint: Any = None) -> None:
+    """The checks of `preflight` that need the built trainer; called by `BaseRetrieverTrainer.train()`.
+
+    Refuses a zero-step run, `dataloader_drop_last` with fewer records than one batch, a
+    `metric_for_best_model` the evaluators will not compute, `dataset_instructions` keys matching no file, an
+    `output_dir` equal to or inside the model or data folder and an `output_dir` held by another run; then
+    takes the output directory's lock.
+    """
+    from ark_hf.data.dataset import TrainGroupDataset
+    from ark_hf.utils.locking import acquire_output_dir_lock, check_output_dir_lock
+
+    args = trainer.args
+    check_config_values(args)
+    if args.should_save:
+        check_output_dir_lock(args.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model_path = getattr(model, "name_or_path", None) or getattr(args, "model_name_or_path", None)
+    check_output_dir(
+        args.output_dir,
+        overwrite=getattr(args, "overwrite_output_dir", False) or not args.should_save,
+        resume_from_checkpoint=resume_from_checkpoint,
+        required_bytes=checkpoint_bytes(model, args) if args.should_save else 0,
+        model_path=str(model_path) if model_path else None,
+        data_paths=[*_paths(getattr(args, "train_data", None)), *_paths(getattr(args, "eval_data", None))],
+    )
+    dataset = trainer.train_dataset
+    if isinstance(dataset, TrainGroupDataset) and getattr(trainer, "curriculum", None) is None:
+        check_dataset_instructions(dataset.records, dataset.dataset_instructions)
+        check_batches(len(dataset), args, world_size=trainer.accelerator.num_processes)
+    computed: set[str] = set()
+    for evaluator in getattr(trainer, "evaluators", []):
+        computed |= metric_keys(evaluator.modes, getattr(evaluator, "name", ""))
+    check_metric_for_best_model(args, computed, has_eval_loss=trainer.eval_dataset is not None)
+    if not any(isinstance(c, _MicroBatchCounter) for c in trainer.callback_handler.callbacks):
+        trainer.add_callback(_MicroBatchCounter())
+    if args.should_save:
+        acquire_output_dir_lock(args.output_dir)
+
+
+def check_training_happened(trainer: Any) -> None:
+    """After `train()`: fail when every batch of the run was skipped (`nan_policy='skip'`), so a run that
+    trained nothing never looks like a success. Called by `BaseRetrieverTrainer.train()`."""
+
+    counter = next((c for c in trainer.callback_handler.callbacks if isinstance(c, _MicroBatchCounter)), None)
+    if counter is None or counter.micro_batches == 0:
+        return
+    logged = sum(float(entry.get("skipped_batches", 0.0)) for entry in trainer.state.log_history)
+    pending = float(trainer._component_sums.get("skipped_batches", 0.0))  # not logged yet
+    skipped = logged + pending
+    if skipped >= counter.micro_batches:
+        raise NonFiniteLossError(
+            f"every one of the {counter.micro_batches} batches of this run had a non-finite loss and was skipped "
+            f"(nan_policy='skip'): nothing was trained, and checkpoints in {trainer.args.output_dir} hold the "
+            "starting weights. Lower the learning rate, check the data, or use nan_policy='stop' to see the first "
+            "bad batch"
+        )
+
+
+class OutputDirError(FileExistsError):
+    """The output directory holds another run and the caller did not allow overwriting it."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or loss component became NaN or infinite."""
+
+
+def check_output_dir(
+    output_dir: str,
+    *,
+    overwrite: bool,
+    resume_from_checkpoint: Any = None,
+    required_bytes: int = 0,
+    model_path: str | None = None,
+    data_paths: Sequence[str] = (),
+) -> None:
+    """Refuse a non-empty `output_dir` unless overwriting or resuming was asked for; check it is writable and
+    that its file system has `required_bytes` free (one checkpoint). An `output_dir` equal to or inside the
+    model folder (`model_path`) or a data folder (`data_paths`) is refused even with `overwrite`: the run
+    would overwrite the base model, or the next run would read checkpoints as training data.
+
+    Runs before anything is written, so a mistyped path never clobbers a finished model and a full disk
+    fails now rather than at the first save, hours in.
+    """
+    from ark_hf.utils.locking import LOCK_FILE
+
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output_dir {output_dir} exists and is not a directory")
+    target = path.resolve()
+    for kind, other in [("model folder (model_name_or_path)", model_path)] + [("data folder", p) for p in data_paths]:
+        if other and os.path.isdir(other):
+            folder = Path(other).resolve()
+            if target == folder or folder in target.parents:
+                where = "is" if target == folder else "is inside"
+                raise OutputDirError(
+                    f"output_dir {output_dir} {where} the {kind} {other}; the run would write into it. "
+                    "Pick an output_dir outside it"
+                )
+    entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE) if path.is_dir() else []
+    if entries and not overwrite and not resume_from_checkpoint:
+        entries = entries[:5]
+        raise OutputDirError(
+            f"output_dir {output_dir} is not empty (holds {', '.join(entries)}{', ...' if len(entries) == 5 else ''}); "
+            "pass overwrite_output_dir=True (--overwrite_output_dir) to write into it, or "
+            "resume_from_checkpoint to continue that run"
+        )
+    probe = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise OutputDirError(f"output_dir {output_dir}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK):
+        raise OutputDirError(f"output_dir {output_dir}: {probe} is not writable")
+    free = shutil.disk_usage(probe).free
+    if required_bytes and free < required_bytes:
+        raise OutputDirError(
+            f"output_dir {output_dir}: {free / 2**30:.2f} GiB free on its file system, but one checkpoint needs "
+            f"about {required_bytes / 2**30:.2f} GiB"
+        )
+
+
+def checkpoint_bytes(model: nn.Module, args: TrainingArguments) -> int:
+    """Rough size of one checkpoint: weights, plus AdamW's two moments unless only the model is saved."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + (0 if args.save_only_model else 8 * trainable)
+
+
+def check_lengths_and_vocab(model: nn.Module, tokenizer: Any, args: TrainingArguments) -> None:
+    """Max lengths within the model's position limit and a tokenizer that fits the embedding matrix."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= config.pad_token_id + 1  # RoBERTa-style positions start after the padding index
+    for name in ("query_max_len", "passage_max_len"):
+        value = getattr(args, name, None)
+        if limit is not None and value is not None and value > limit:
+            raise ValueError(f"{name}={value} exceeds the model's position limit of {limit} tokens")
+    vocab = getattr(config, "vocab_size", None)
+    if tokenizer is not None:
+        folder = getattr(tokenizer, "name_or_path", None)
+        check_tokenizer(tokenizer, vocab_size=vocab, folder=folder if folder and os.path.isdir(folder) else None)
+    if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has {vocab} rows: "
+            "tokenizer and model do not belong together"
+        )
