@@ -46,12 +46,30 @@ def st_model(minilm_path):
 
 
 @pytest.fixture(scope="module")
-def reference(records, st_model):
+def st_dataset(records):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"query": [r["query"] for r in records], "answer": [r["pos"][0] for r in records]})
+
+
+@pytest.fixture(scope="module")
+def st_cache(st_dataset, st_model, tmp_path_factory):
+    """sentence-transformers' miner run once with its embedding cache, so later runs and the reference share it."""
+    from sentence_transformers.util import mine_hard_negatives as st_mine
+
+    folder = tmp_path_factory.mktemp("st_cache")
+    st_mine(st_dataset, st_model, num_negatives=1, cache_folder=str(folder), batch_size=64, verbose=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(records, st_cache):
     """float64 cosine scores from sentence-transformers' embeddings: (queries, corpus, scores, positives)."""
-    queries = list(dict.fromkeys(r["query"] for r in records))
+    queries = list(dict.fromkeys(r["query"] for r in records))  # sentence-transformers' order of both
     corpus = list(dict.fromkeys(p for r in records for p in r["pos"]))
-    q = st_model.encode(queries, normalize_embeddings=True, batch_size=64).astype(np.float64)
-    d = st_model.encode(corpus, normalize_embeddings=True, batch_size=64).astype(np.float64)
+    (q_file,), (d_file,) = st_cache.glob("query_embeddings_*.npy"), st_cache.glob("corpus_embeddings_*.npy")
+    q, d = np.load(q_file).astype(np.float64), np.load(d_file).astype(np.float64)
+    assert q.shape[0] == len(queries) and d.shape[0] == len(corpus)
     positives: dict[str, set[str]] = {}
     for r in records:
         positives.setdefault(r["query"], set()).update(r["pos"])
@@ -126,7 +144,9 @@ def _st_negatives(dataset, **options) -> dict[str, list[str]]:
     return negatives
 
 
-def test_same_negatives_as_sentence_transformers(records, minilm, st_model, reference, cache_dir, tmp_path):
+def test_same_negatives_as_sentence_transformers(
+    records, minilm, st_model, st_dataset, st_cache, reference, cache_dir
+):
     """Without filters identical; with relative_margin=0.05 identical except where the definitions differ.
 
     sentence-transformers retrieves `range_max + max_positives` candidates (max_positives = 2 here: the duplicated
@@ -134,11 +154,8 @@ def test_same_negatives_as_sentence_transformers(records, minilm, st_model, refe
     beyond our window `[0, range_max)` of non-positives. Every difference must be exactly that: our list is a
     prefix of theirs, and each extra negative of theirs ranks at or beyond `range_max` among the non-positives.
     """
-    from datasets import Dataset
-
-    dataset = Dataset.from_dict({"query": [r["query"] for r in records], "answer": [r["pos"][0] for r in records]})
-    st_cache = str(tmp_path / "st_cache")
-    common = {"model": st_model, "cache_folder": st_cache, "batch_size": 64}
+    dataset = st_dataset
+    common = {"model": st_model, "cache_folder": str(st_cache), "batch_size": 64}
 
     ours = mine(records, minilm, cache_dir, num_negatives=5)
     theirs = _st_negatives(dataset, num_negatives=5, **common)
@@ -219,18 +236,17 @@ def test_hybrid_dense_sparse_scores_match_compute_score(records, tiny_m3):
     assert checked > 0 and result.stats["dropped_relative_margin"] > 0
 
 
-def test_teacher_scores_are_the_cross_encoders(records, tiny_m3, tiny_xlmr_path, tmp_path):
-    from sentence_transformers import CrossEncoder
-
+def test_teacher_scores_are_the_cross_encoders(records, tiny_m3, tmp_path):
     from ark_hf.models.teacher import TeacherScorer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_xlmr_path)
+    tokenizer = tiny_m3.tokenizer
     torch.manual_seed(1)
     config = XLMRobertaConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id, num_labels=1,
     )  # fmt: skip
-    XLMRobertaForSequenceClassification(config).save_pretrained(tmp_path / "ce")
+    cross_encoder = XLMRobertaForSequenceClassification(config).eval()
+    cross_encoder.save_pretrained(tmp_path / "ce")
     tokenizer.save_pretrained(tmp_path / "ce")
     teacher = TeacherScorer(str(tmp_path / "ce"), kind="cross-encoder", max_length=64)
 
@@ -240,11 +256,11 @@ def test_teacher_scores_are_the_cross_encoders(records, tiny_m3, tiny_xlmr_path,
         subset, tiny_m3, num_negatives=2, teacher=teacher, output_path=path, query_max_len=24, passage_max_len=48,
         show_progress_bar=False,
     )  # fmt: skip
-    reference = CrossEncoder(str(tmp_path / "ce"), max_length=64, device="cpu")
     for out in result.records:
-        expected = reference.predict(
-            [(out["query"], t) for t in out["pos"] + out["neg"]], activation_fn=torch.nn.Identity()
-        )
+        texts = out["pos"] + out["neg"]
+        features = tokenizer([out["query"]] * len(texts), texts, padding=True, truncation=True, max_length=64)
+        with torch.no_grad():  # the raw logit of each (query, passage) pair, computed here directly
+            expected = cross_encoder(**features.convert_to_tensors("pt")).logits[:, 0].numpy()
         np.testing.assert_allclose(out["pos_scores"] + out["neg_scores"], expected, atol=1e-5)
         assert len(out["neg_scores"]) == len(out["neg"]) == 2
     loaded = load_training_records(str(path), require_teacher_scores=True)
