@@ -34,6 +34,7 @@ from ark_hf.data.samplers import (
     SameSourceBatchSampler,
 )
 from ark_hf.evaluation.ir import IREvaluator
+from ark_hf.hub import write_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -451,6 +452,7 @@ class BaseRetrieverTrainer(Trainer):
                 os.replace(os.path.join(tmp_dir, entry), target)
             os.rmdir(tmp_dir)
             fsync_dir(output_dir)
+            write_model_card(self, output_dir)  # README.md (and the training plot) of the final model
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save")
