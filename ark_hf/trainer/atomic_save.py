@@ -87,6 +87,9 @@ def fsync_dir(path: str) -> None:
 class AtomicSaveMixin:
     """Mixed into `BaseRetrieverTrainer` before `transformers.Trainer` (see the module docstring)."""
 
+    def after_final_save(self, output_dir: str) -> None:
+        """Called on the main process once a final save is in place (the model card goes here)."""
+
     def save_pretrained_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for the model's `save_pretrained` (a trainer hook)."""
         return {}
@@ -125,6 +128,7 @@ class AtomicSaveMixin:
                 os.replace(os.path.join(tmp_dir, entry), target)
             os.rmdir(tmp_dir)
             fsync_dir(output_dir)
+            self.after_final_save(output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save")

@@ -476,6 +476,19 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    # ------------------------------------------------------------------------------------------ save / card
+    def after_final_save(self, output_dir: str) -> None:
+        from ark_hf.hub import write_model_card
+
+        write_model_card(self, output_dir)  # README.md (and the training plot) of the final model
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # `Trainer.push_to_hub` calls this before uploading; ours replaces transformers' generic card
+        if self.is_world_process_zero():
+            from ark_hf.hub import write_model_card
+
+            write_model_card(self, self.args.output_dir)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         preflight.check_before_training(self, resume_from_checkpoint)
         if self.args.should_save:

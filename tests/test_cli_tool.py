@@ -1,0 +1,126 @@
+"""`ark-hf` subcommands on the tiny XLM-R: train, eval, mine, merge, card, help, and user errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ark_hf.cli import main
+from ark_hf.data.loading import load_training_records, records_to_ir
+from ark_hf.evaluation.ir import IREvaluator
+from ark_hf.models.bge_m3 import BGEM3Model
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = [
+    {"query": f"how long does permit {i} take", "pos": [f"Permit {i} takes {i + 2} weeks at the city office."],
+     "neg": [f"Parking rules changed in district {i}."]}
+    for i in range(6)
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, tiny_xlmr_path):
+    out = workdir / "m3"
+    status = main(
+        ["train", "bge-m3", "--model_name_or_path", tiny_xlmr_path, "--init_missing_heads", "--train_data",
+         str(workdir / "train.jsonl"), "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size",
+         "2", "--train_group_size", "2", "--query_max_len", "12", "--passage_max_len", "16", "--use_cpu",
+         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1"]
+    )  # fmt: skip
+    assert status == 0
+    return out
+
+
+def test_python_m_ark_hf_help():
+    result = subprocess.run([sys.executable, "-m", "ark_hf", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "eval", "mine", "merge", "card"):
+        assert command in result.stdout
+
+
+def test_train_writes_model_and_card(trained):
+    for name in ("model.safetensors", "colbert_linear.pt", "sparse_linear.pt", "README.md", "training_args.bin"):
+        assert (trained / name).is_file(), name
+    assert "library_name: sentence-transformers" in (trained / "README.md").read_text()
+
+
+def test_train_help_lists_ark_hf_options_first(capsys):
+    assert main(["train", "bge-m3", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("--use_self_distill") < out.index("--per_device_train_batch_size")
+    assert out.startswith("BGETrainerConfig: ark_hf's options")
+
+
+def test_eval_prints_every_mode_and_writes_json(trained, workdir, capsys):
+    output = workdir / "metrics.json"
+    assert main(["eval", str(trained), "--data", str(workdir / "train.jsonl"), "--output", str(output),
+                 "--query_max_len", "12", "--passage_max_len", "16"]) == 0  # fmt: skip
+    metrics = json.loads(output.read_text())
+    printed = capsys.readouterr().out
+    for mode in ("dense", "sparse", "colbert", "dense+sparse", "all"):
+        assert f"{mode}_ndcg@10" in metrics and f"\n{mode} " in printed
+    queries, corpus, qrels = records_to_ir(load_training_records(str(workdir / "train.jsonl")))
+    model = BGEM3Model.from_pretrained(str(trained)).eval()
+    direct = IREvaluator(queries, corpus, qrels, modes=["dense", "all"], query_max_len=12, passage_max_len=16)(model)
+    for key, value in direct.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6)
+    assert main(["eval", str(trained), "--data", str(workdir / "train.jsonl"), "--output", str(output)]) == 2
+
+
+def test_mine_writes_trainable_records(trained, workdir, capsys):
+    output = workdir / "mined.jsonl"
+    assert main(["mine", "--data", str(workdir / "train.jsonl"), "--model", str(trained), "--output", str(output),
+                 "--num_negatives", "2", "--mode", "dense+sparse", "--query_max_len", "12",
+                 "--passage_max_len", "16"]) == 0  # fmt: skip
+    stats = json.loads(capsys.readouterr().out.split("\nmined records")[0])
+    mined = load_training_records(str(output))
+    assert stats["records"] == len(mined) == len(RECORDS)
+    for record in mined:
+        assert len(record["neg"]) == 2 and not set(record["neg"]) & set(record["pos"])
+
+
+def test_merge_linear_of_a_model_with_itself_is_the_model(trained, workdir):
+    output = workdir / "merged"
+    assert main(["merge", str(trained), str(trained), "--output_dir", str(output), "--method", "linear"]) == 0
+    original, merged = load_file(trained / "model.safetensors"), load_file(output / "model.safetensors")
+    assert set(original) == set(merged)
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+    assert (output / "merge_info.json").is_file()
+
+
+def test_card_rewrites_the_card_with_a_model_id(trained, capsys):
+    assert main(["card", str(trained), "--model_id", "user/tiny-m3"]) == 0
+    text = (trained / "README.md").read_text()
+    assert 'BGEM3FlagModel("user/tiny-m3", pooling_method="cls"' in text
+    assert "no evaluation table" in capsys.readouterr().out
+
+
+def test_user_errors_exit_2_without_traceback(workdir, tiny_xlmr_path, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "pos": "not a list"}\n')
+    command = [sys.executable, "-m", "ark_hf", "train", "bge-m3", "--model_name_or_path", tiny_xlmr_path, "--init_missing_heads",
+               "--train_data", str(bad), "--output_dir", str(tmp_path / "o"), "--use_cpu", "--report_to", "none"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2
+    assert "bad.jsonl:1: field 'pos'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        main(["eval", tiny_xlmr_path, "--data", str(bad), "--debug"])
+    assert main(["train", "bge-m3", "--output_dir", str(tmp_path / "o2"), "--temperature", "-1"]) == 2
+    assert main(["train", "bge-m3", "--output_dir", str(tmp_path / "o3")]) == 2  # no train_data
+    assert main(["mine", "--data", str(bad), "--model", "x", "--output", str(tmp_path / "m.jsonl")]) == 2
+    assert main(["card", str(tmp_path)]) == 2
