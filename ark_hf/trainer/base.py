@@ -38,6 +38,7 @@ from ark_hf.data.samplers import (
 from ark_hf.data.schema import DataValidationError
 from ark_hf.evaluation.base import Evaluator
 from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
+from ark_hf.losses.cached import GradCache
 from ark_hf.models.outputs import RetrieverOutput
 from ark_hf.trainer.atomic_save import TRAINING_ARGS_NAME, AtomicSaveMixin
 from ark_hf.trainer.base_config import RetrieverConfig
@@ -160,6 +161,14 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         self.curriculum_stream: CurriculumStream | None = None
         if self.curriculum is not None:
             self._bind_curriculum(stage_records)
+        self.grad_cache = GradCache(args.mini_batch_size) if args.mini_batch_size else None
+        if self.grad_cache is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled or args.n_gpu > 1):
+            engine = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP" if self.is_fsdp_enabled else "DataParallel"
+            raise ValueError(
+                f"mini_batch_size (GradCache) does not run under {engine} yet: its per-mini-batch backward must go "
+                "through the engine once per optimizer step; use DDP (accelerate_configs/multi_gpu.yaml) or unset "
+                "mini_batch_size"
+            )
 
     @staticmethod
     def _one_of(first: Any, second: Any, what: str, spellings: str) -> Any:
@@ -370,13 +379,40 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
 
     def finish_loss(self, output: LossOutput, inputs: dict[str, Any], training: bool = True) -> torch.Tensor:
         """NaN guard and component bookkeeping shared by every way of computing a loss (plain, cached)."""
-        loss, components = output.loss, output.components
-        self.check_finite(loss, components, inputs)
+        self.check_finite(output.loss, output.components, inputs)
         if training:
-            for name, value in components.items():  # summed on the device: no host sync per step
-                self._component_sums[name] = self._component_sums[name] + torch.as_tensor(value).detach().float()
-                self._component_counts[name] += 1
-        return loss
+            self.record_components(output.components)
+        return output.loss
+
+    def record_components(self, components: dict[str, torch.Tensor]) -> None:
+        for name, value in components.items():  # summed on the device: no host sync per step
+            self._component_sums[name] = self._component_sums[name] + torch.as_tensor(value).detach().float()
+            self._component_counts[name] += 1
+
+    def cached_training_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """A training step through `GradCache`: same loss, components and NaN guard, memory of one mini-batch."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+
+        def compute(query: Any, passages: Any) -> LossOutput:
+            batch = self.retrieval_batch(inputs, RetrieverOutput(query=query, passages=passages))
+            return self.loss(query, passages, batch, self.state.global_step)
+
+        with self.compute_loss_context_manager():
+            output = self.grad_cache.step(
+                # one model call (DDP's hooks); `passages=`, since ModelOutput unpacks a lone first field
+                encode=lambda features: model(passages=features).passages,
+                query_features=inputs["query"],
+                passage_features=inputs["passages"],
+                compute_loss=compute,
+                backward=self.accelerator.backward,
+                no_sync=lambda: self.accelerator.no_sync(model),
+                loss_scale=scale,
+                check=lambda out: self.check_finite(out.loss, out.components, inputs),
+            )
+        self.record_components(output.components)
+        return output.loss * scale
 
     def check_finite(self, loss: torch.Tensor, components: dict[str, torch.Tensor], inputs: dict[str, Any]) -> None:
         """Stop (or skip the batch) at a NaN/inf, naming the step, the component and the records of the batch."""
@@ -409,6 +445,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
     ) -> torch.Tensor:
         try:
+            if self.grad_cache is not None:
+                return self.cached_training_step(model, inputs)
             return super().training_step(model, inputs, num_items_in_batch)
         except _SkipBatch:
             self._component_sums["skipped_batches"] += 1.0

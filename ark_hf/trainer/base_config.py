@@ -106,6 +106,21 @@ class RetrieverConfig(TrainingArguments):
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad token lengths to a multiple of this (8 suits tensor cores)."}
     )
+    mini_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "GradCache: encode the batch this many texts at a time (queries and passages alike) and cache the "
+            "loss's gradients w.r.t. every head's outputs; the contrastive batch (and its negatives) stays "
+            "per_device_train_batch_size x train_group_size, memory that of one mini-batch. Unset: no cache."
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the backbone on real tokens only: a step's texts packed into one sequence (varlen attention "
+            "on CUDA; exact per-text attention elsewhere). Same outputs as padded batches."
+        },
+    )
     eval_data: str | None = field(
         default=None,
         metadata={
@@ -171,6 +186,18 @@ class RetrieverConfig(TrainingArguments):
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.mini_batch_size is not None:
+            if self.mini_batch_size < 1:
+                raise ValueError(
+                    f"mini_batch_size must be >= 1 (or unset for no gradient cache), got {self.mini_batch_size}"
+                )
+            texts = self.per_device_train_batch_size * self.train_group_size
+            if self.mini_batch_size > texts:
+                raise ValueError(
+                    f"mini_batch_size={self.mini_batch_size} is larger than the batch's {texts} passages "
+                    f"(per_device_train_batch_size {self.per_device_train_batch_size} x train_group_size "
+                    f"{self.train_group_size}): the cache would change nothing; lower it or leave it unset"
+                )
         if len(self.eval_mode_weights) != 3:
             raise ValueError(
                 f"eval_mode_weights needs 3 values (dense, sparse, colbert), got {self.eval_mode_weights}"

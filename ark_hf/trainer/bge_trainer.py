@@ -33,6 +33,7 @@ def build_bge_model(config: BGETrainerConfig) -> BGEM3Model:
         normalize=config.normalize_embeddings,
         init_missing_heads=config.init_missing_heads,
         trust_remote_code=config.trust_remote_code,
+        padding_free=config.padding_free,
     )
 
 

@@ -44,6 +44,7 @@ def build_qwen_model(config: QwenTrainerConfig) -> DecoderEmbedder:
         lora_target_modules=targets[0] if list(targets) == ["all-linear"] else list(targets),
         matryoshka_dims=config.matryoshka_dims,
         trust_remote_code=config.trust_remote_code,
+        padding_free=config.padding_free,
     )
 
 
