@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback
 
 from ark_hf import BGEM3Model, BGETrainer, BGETrainerConfig, DecoderEmbedder
+from ark_hf.losses.base import LossOutput
 from ark_hf.trainer.base import NonFiniteLossError, OutputDirError
 from ark_hf.utils.cli import ConfigError
 from ark_hf.utils.locking import LOCK_FILE, OutputDirLockedError, acquire_output_dir_lock, release
@@ -150,8 +151,10 @@ def test_every_batch_skipped_fails_after_training(tiny_xlmr_path, tmp_path):
     model = BGEM3Model(tiny_xlmr_path, unified_finetuning=False)
     trainer = BGETrainer(model=model, config=make_config(tmp_path, max_steps=3, nan_policy="skip", logging_steps=2),
                          train_dataset=write_records(tmp_path / "train.jsonl"))  # fmt: skip
-    original = trainer.loss_fn.forward
-    trainer.loss_fn.forward = lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(original(*a, **k))
+    original = trainer.loss.forward
+    trainer.loss.forward = lambda *a, **k: (lambda out: LossOutput(out.loss * float("nan"), out.components))(
+        original(*a, **k)
+    )
     with pytest.raises(NonFiniteLossError, match="every one of the 3 batches of this run .* was skipped"):
         trainer.train()
 
@@ -160,14 +163,14 @@ def test_some_batches_skipped_still_succeeds(tiny_xlmr_path, tmp_path):
     model = BGEM3Model(tiny_xlmr_path, unified_finetuning=False)
     trainer = BGETrainer(model=model, config=make_config(tmp_path, max_steps=3, nan_policy="skip"),
                          train_dataset=write_records(tmp_path / "train.jsonl"))  # fmt: skip
-    original, calls = trainer.loss_fn.forward, {"n": 0}
+    original, calls = trainer.loss.forward, {"n": 0}
 
     def sometimes(*args, **kwargs):
         loss, components = original(*args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 2 else loss), components
+        return LossOutput(loss * float("nan") if calls["n"] == 2 else loss, components)
 
-    trainer.loss_fn.forward = sometimes
+    trainer.loss.forward = sometimes
     trainer.train()
     assert trainer.state.global_step == 3
 
