@@ -17,12 +17,14 @@ _LAZY = {
     "QwenTrainer": "ark_hf.trainer.qwen_trainer",
     "create_qwen_trainer": "ark_hf.trainer.qwen_trainer",
     "CurriculumCallback": "ark_hf.callbacks.curriculum",
+    "AlignmentCallback": "ark_hf.callbacks.alignment",
     "IREvaluator": "ark_hf.evaluation.ir",
     "load_training_records": "ark_hf.data.loading",
     "DataValidationError": "ark_hf.data.schema",
 }
 
 __all__ = [
+    "AlignmentCallback",
     "BGEM3Model",
     "BGETrainer",
     "BGETrainerConfig",
