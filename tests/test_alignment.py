@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -251,3 +252,30 @@ def test_rebuild_ranks_by_score_and_drops_likely_false_negatives(tmp_path):
     path.write_text(json.dumps(record) + "\n")
     [loaded] = load_training_records(str(path), require_teacher_scores=True)
     assert loaded["pos_scores"] == [2.0] and loaded["neg"] == ["c3", "c0"]
+
+
+@pytest.mark.slow  # loads the LM, its 151k-id tokenizer and the retriever from disk
+def test_recipe_scores_a_file_from_saved_models_and_rebuilds(causal_lm, tokenizer, tiny_qwen3_path, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "compute_alignment.py"
+    spec = importlib.util.spec_from_file_location("compute_alignment", path)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules["compute_alignment"] = recipe  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(recipe)
+    main = recipe.main
+    lm_dir = tmp_path / "lm"
+    causal_lm.save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    write_records(tmp_path / "in.jsonl", n=3)
+    argv = [
+        "--input_file", str(tmp_path / "in.jsonl"), "--output_file", str(tmp_path / "out.jsonl"),
+        "--lm_name_or_path", str(lm_dir), "--retriever_name_or_path", tiny_qwen3_path, "--device", "cpu",
+        "--rebuild_output", str(tmp_path / "train.jsonl"), "--num_negatives", "1", "--show_progress", "false",
+    ]  # fmt: skip
+    assert main(argv) == str(tmp_path / "train.jsonl")
+    records = load_training_records(str(tmp_path / "train.jsonl"), require_teacher_scores=True)
+    assert len(records) == 3 and all(len(r["pos"]) == 1 and len(r["neg"]) <= 1 for r in records)
+    scored = [json.loads(t) for t in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert scored[0]["alignment"]["retriever"] == tiny_qwen3_path
