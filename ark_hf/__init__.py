@@ -16,7 +16,9 @@ _import_structure: dict[str, list[str]] = {
     "ark_hf.trainer.bge_trainer": ["BGETrainer"],
     "ark_hf.trainer.qwen_config": ["QwenTrainerConfig"],
     "ark_hf.trainer.qwen_trainer": ["QwenTrainer", "create_qwen_trainer"],
+    "ark_hf.callbacks.alignment": ["AlignmentCallback"],
     "ark_hf.callbacks.curriculum": ["CurriculumCallback"],
+    "ark_hf.evaluation.alignment": ["AlignmentEvaluator"],
     "ark_hf.evaluation.base": ["Evaluator"],
     "ark_hf.evaluation.ir": ["IREvaluator"],
     "ark_hf.losses.base": ["LossOutput", "RetrievalBatch", "RetrievalLoss"],
@@ -29,6 +31,8 @@ _import_structure: dict[str, list[str]] = {
 }
 _LAZY = {name: module for module, names in _import_structure.items() for name in names}
 __all__ = [
+    "AlignmentCallback",
+    "AlignmentEvaluator",
     "BGEM3Model",
     "BGETrainer",
     "BGETrainerConfig",
@@ -52,9 +56,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ark_hf.callbacks.alignment import AlignmentCallback
     from ark_hf.callbacks.curriculum import CurriculumCallback
     from ark_hf.data.loading import load_training_records
     from ark_hf.data.schema import DataValidationError
+    from ark_hf.evaluation.alignment import AlignmentEvaluator
     from ark_hf.evaluation.base import Evaluator
     from ark_hf.evaluation.ir import IREvaluator
     from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss

@@ -27,3 +27,7 @@ class Evaluator(Protocol):
     """
 
     def __call__(self, model: Any) -> dict[str, float]: ...
+
+
+# An evaluator may also declare `metric_names` (the keys it returns, without `eval_`); trainers then check
+# `metric_for_best_model` against them before training instead of at the first evaluation.

@@ -493,10 +493,17 @@ def check_before_training(trainer: Any, resume_from_checkpoint: Any = None) -> N
     if isinstance(dataset, TrainGroupDataset) and getattr(trainer, "curriculum", None) is None:
         check_dataset_instructions(dataset.records, dataset.dataset_instructions)
         check_batches(len(dataset), args, world_size=trainer.accelerator.num_processes)
-    computed: set[str] = set()
-    for evaluator in getattr(trainer, "evaluators", []):
-        computed |= metric_keys(evaluator.modes, getattr(evaluator, "name", ""))
-    check_metric_for_best_model(args, computed, has_eval_loss=trainer.eval_dataset is not None)
+    computed: set[str] | None = set()
+    for evaluator in trainer.evaluators:
+        names = getattr(evaluator, "metric_names", None)  # optional part of the Evaluator protocol
+        if names is None and hasattr(evaluator, "modes"):
+            names = metric_keys(evaluator.modes, getattr(evaluator, "name", ""))
+        if names is None:  # an evaluator that does not declare its keys: nothing to check against
+            computed = None
+            break
+        computed |= set(names)
+    if computed is not None:
+        check_metric_for_best_model(args, computed, has_eval_loss=trainer.eval_dataset is not None)
     if not any(isinstance(c, _MicroBatchCounter) for c in trainer.callback_handler.callbacks):
         trainer.add_callback(_MicroBatchCounter())
     if args.should_save:
