@@ -279,8 +279,8 @@ class M3Loss(RetrievalLoss):
             masks[False] = other_positive_mask(positives, hashes, local_columns)
             if any(gathered.values()):
                 masks[True] = other_positive_mask(positives, all_gather_no_grad(hashes), global_columns)
-            counted = masks[True] if gathered["dense"] else masks[False]
-            components["masked_positives"] = counted.sum()
+            # counted over the widest columns any head scores (the global ones when a head gathers)
+            components["masked_positives"] = (masks[True] if masks[True] is not None else masks[False]).sum()
 
         def finish(scores: Tensor, is_global: bool) -> Tensor:
             """Temperature, the own-group block without in-batch negatives, the multi-positive mask."""
