@@ -39,7 +39,9 @@ class RetrievalCollator:
 
     Output keys: `query` and `passages` (each `input_ids` / `attention_mask`; passages are the B groups
     flattened, positive first in each group), `passage_hashes` ([B*G] content hashes, for false-negative
-    masking), `record_ids` (for error messages), and `teacher_scores` ([B, G]) when the items carry them.
+    masking), `positive_hashes` ([B, P] content hashes of each query's positives, padded with -1: an item's
+    `positives` list, or its sampled positive when it has none), `record_ids` (for error messages), and
+    `teacher_scores` ([B, G]) when the items carry them.
 
     Args:
         tokenizer: the model's tokenizer.
@@ -70,6 +72,20 @@ class RetrievalCollator:
             return_tensors="pt",
         )
 
+    @staticmethod
+    def _positive_hashes(items: list[dict[str, Any]]) -> torch.Tensor:
+        """`[B, P]` hashes of every positive of each item (its sampled positive always among them), -1 padded."""
+        rows = []
+        for item in items:
+            hashes = [text_hash(item["passages"][0])]
+            for text in item.get("positives") or []:
+                value = text_hash(text)
+                if value not in hashes:
+                    hashes.append(value)
+            rows.append(hashes)
+        width = max(len(row) for row in rows)
+        return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long)
+
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         group_sizes = {len(item["passages"]) for item in items}
         if len(group_sizes) != 1:
@@ -80,6 +96,7 @@ class RetrievalCollator:
             "query": dict(self._tokenize(queries, self.query_max_len)),
             "passages": dict(self._tokenize(passages, self.passage_max_len)),
             "passage_hashes": torch.tensor([text_hash(p) for p in passages], dtype=torch.long),
+            "positive_hashes": self._positive_hashes(items),
             "record_ids": [item.get("id") for item in items],
         }
         if self.keep_texts:

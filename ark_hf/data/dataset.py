@@ -60,6 +60,10 @@ class TrainGroupDataset(Dataset):
             `"Instruct: {}\\nQuery:{}"` for Qwen3-Embedding).
         passage_instruction, passage_instruction_format: the same for passages (symmetric tasks).
         use_teacher_scores: return the teacher scores aligned with the sampled passages.
+
+    Items: `query`, `passages` (the sampled positive first, then the negatives), `positives` (every positive of the
+    record, formatted as the passages are: the losses keep them out of the query's negatives), `id`,
+    `source_index`, and `teacher_scores` with `use_teacher_scores`.
     """
 
     def __init__(
@@ -160,13 +164,18 @@ class TrainGroupDataset(Dataset):
                 if candidate not in own:
                     passages.append(candidate)
         query = format_instruction(record["query"], self._query_instruction(record), self.query_instruction_format)
+        positives = list(record["pos"])
         if self.passage_instruction:
             passages = [
                 format_instruction(p, self.passage_instruction, self.passage_instruction_format) for p in passages
             ]
+            positives = [
+                format_instruction(p, self.passage_instruction, self.passage_instruction_format) for p in positives
+            ]
         item = {
             "query": query,
             "passages": passages,
+            "positives": positives,
             "id": record.get("id", str(index)),
             "source_index": int(record.get("source_index", 0)),
         }

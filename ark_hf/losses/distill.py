@@ -33,7 +33,10 @@ def kl_div_loss(teacher_probs: Tensor, student_scores: Tensor) -> Tensor:
         teacher_probs: `[B, K]` target distributions (rows sum to 1).
         student_scores: `[B, K]` student logits over the same K candidates.
     """
-    return -(teacher_probs * torch.log_softmax(student_scores, dim=-1)).sum(dim=-1).mean()
+    log_probs = torch.log_softmax(student_scores, dim=-1)
+    # a candidate removed from the softmax (-inf logit, e.g. a query's other positive) has p = 0: 0, not 0 * -inf
+    log_probs = log_probs.masked_fill(teacher_probs == 0, 0.0)
+    return -(teacher_probs * log_probs).sum(dim=-1).mean()
 
 
 def m3_kd_loss(scores: Tensor, teacher_probs: Tensor, columns: Tensor) -> Tensor:

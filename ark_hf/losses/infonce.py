@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
 from ark_hf.models.outputs import EmbeddingOutput
-from ark_hf.utils.distributed import all_gather_with_grad, rank
+from ark_hf.utils.distributed import all_gather_no_grad, all_gather_with_grad, rank
 
 
 def group_columns(
@@ -40,6 +40,27 @@ def group_columns(
     """
     queries = torch.arange(batch_size, device=device) + query_offset
     return queries[:, None] * group_size + torch.arange(group_size, device=device)[None, :]
+
+
+def other_positive_mask(positive_hashes: Tensor, candidate_hashes: Tensor, own_columns: Tensor) -> Tensor:
+    """Which candidates are one of the query's positives outside its own group (DESIGN 5.5).
+
+    A query may have several positives (`pos` is a list) and samples one per step; its other positives (and
+    copies of the sampled one) can sit in the batch as other queries' passages. They are not its negatives.
+
+    Args:
+        positive_hashes: `[B, P]` content hashes of each query's positives, padded with -1 (never a hash).
+        candidate_hashes: `[C]` content hashes of the score matrix's columns (all ranks' under cross-device).
+        own_columns: `[B, G]` columns of each query's own group (`group_columns`), never removed: the sampled
+            positive is the target, and the group's hard negatives are the data's own statement.
+
+    Returns:
+        BoolTensor `[B, C]`, True where the column should leave row b's softmax.
+    """
+    positive_hashes = positive_hashes.to(candidate_hashes.device)
+    match = (candidate_hashes[None, :, None] == positive_hashes[:, None, :]) & (positive_hashes[:, None, :] >= 0)
+    mask = match.any(dim=-1)
+    return mask.scatter(1, own_columns, False)
 
 
 def contrastive_loss(scores: Tensor, group_size: int, *, in_batch: bool = True, query_offset: int = 0) -> Tensor:
@@ -74,6 +95,10 @@ class InfoNCELoss(RetrievalLoss):
         in_batch: passages of the other queries are negatives.
         cross_device: with `in_batch`, also the passages of the other ranks (see the module docstring for
             how gradients stay exact under DDP). Ignored without `in_batch`.
+        mask_other_positives: with `in_batch`, a passage outside query b's group whose content hash is one of b's
+            positives (`batch.positive_hashes` against `batch.passage_hashes`, on any rank) is not b's negative
+            (`other_positive_mask`); nothing is removed when the batch lacks the hashes. Component
+            `masked_positives`: the entries removed on this rank.
 
     Inputs: `query` `[B, d]` and `passages` `[B * G, d]` dense vectors (or `EmbeddingOutput`s), query b's group
     at rows `b * G ...`; `batch` a `RetrievalBatch` or the group size (inferred from the shapes when omitted).
@@ -90,19 +115,37 @@ class InfoNCELoss(RetrievalLoss):
 
     option_types = {"temperature": float}
 
-    def __init__(self, temperature: float = 0.02, in_batch: bool = True, cross_device: bool = False) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.02,
+        in_batch: bool = True,
+        cross_device: bool = False,
+        mask_other_positives: bool = True,
+    ) -> None:
         super().__init__(temperature=temperature)
         self.in_batch = in_batch
         self.cross_device = cross_device
+        self.mask_other_positives = mask_other_positives
 
     def compute(
         self, query: EmbeddingOutput, passages: EmbeddingOutput, batch: RetrievalBatch, step: int
     ) -> LossOutput:
         q, p = query.dense, passages.dense
         offset = 0
-        if self.in_batch and self.cross_device:
+        cross = self.in_batch and self.cross_device
+        if cross:
             p = all_gather_with_grad(p)
             offset = rank() * q.size(0)
         scores = q @ p.T / self.options["temperature"]
+        components = {}
+        if self.in_batch and self.mask_other_positives and batch.positive_hashes is not None:
+            if batch.passage_hashes is None:
+                raise ValueError("positive_hashes given without passage_hashes: cannot find the other positives")
+            hashes = batch.passage_hashes.to(q.device)
+            hashes = all_gather_no_grad(hashes) if cross else hashes
+            own = group_columns(q.size(0), batch.group_size, offset, device=q.device)
+            mask = other_positive_mask(batch.positive_hashes, hashes, own)
+            scores = scores.masked_fill(mask, float("-inf"))
+            components["masked_positives"] = mask.sum()
         loss = contrastive_loss(scores, batch.group_size, in_batch=self.in_batch, query_offset=offset)
-        return LossOutput(loss, {}, scores=scores)
+        return LossOutput(loss, components, scores=scores)

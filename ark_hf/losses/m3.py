@@ -9,10 +9,13 @@ Reference: Chen et al., "BGE M3-Embedding" (2024), sec. 3.3, and FlagEmbedding 1
     final   = (L + L') / 2 with self-distillation, else L
 
 Score matrices follow the layout of `ark_hf.losses.infonce`: B queries, passages `[B * G]` with query b's
-group at rows `b * G ...`, positive first.
+group at rows `b * G ...`, positive first. Every head may take its negatives from all ranks, with exact gradients
+(`M3Loss`, `cross_device_heads`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +23,9 @@ from torch import Tensor
 
 from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
 from ark_hf.losses.distill import kl_div_loss, m3_kd_loss, teacher_distribution
-from ark_hf.losses.infonce import group_columns
+from ark_hf.losses.infonce import group_columns, other_positive_mask
 from ark_hf.models.outputs import EmbeddingOutput
-from ark_hf.utils.distributed import all_gather_with_grad, rank
+from ark_hf.utils.distributed import all_gather_no_grad, all_gather_padded, all_gather_with_grad, rank
 
 
 def dense_scores(q: Tensor, p: Tensor) -> Tensor:
@@ -38,26 +41,29 @@ def sparse_scores(q_ids: Tensor, q_weights: Tensor, p_ids: Tensor, p_weights: Te
 
     FlagEmbedding builds `[B, L, vocab]` during training (33 GB in float32 for 32 texts of 1024 tokens with
     XLM-R's 250k vocabulary).
-    Here the ids of the batch are mapped to a compact vocabulary of the U ids that occur, giving `[B, U]`
-    vectors and one matmul. Gradients reach the weight of the max occurrence of each token (split evenly
-    between exact ties, where FlagEmbedding picks one).
+    Here the ids of the queries are mapped to a compact vocabulary of the U_q ids that occur in them (a passage
+    token no query has adds nothing to any score), giving `[Bq, U_q]` and `[Bp, U_q]` vectors and one matmul:
+    memory `(Bq + Bp) * U_q` floats, U_q <= Bq * Lq. Gradients reach the weight of the max occurrence of each
+    token (split evenly between exact ties, where FlagEmbedding picks one).
 
     Args:
-        q_ids, p_ids: `[Bq, Lq]`, `[Bp, Lp]` token ids.
+        q_ids, p_ids: `[Bq, Lq]`, `[Bp, Lp]` token ids; a negative id (the padding of a cross-device gather)
+            matches nothing.
         q_weights, p_weights: matching `>= 0` weights, already 0 at padding and special tokens.
     """
-    ids = torch.cat([q_ids.reshape(-1), p_ids.reshape(-1)])
-    vocab, compact = torch.unique(ids, return_inverse=True)
+    vocab = torch.unique(q_ids)  # sorted
     n_vocab = vocab.numel()
-    q_compact = compact[: q_ids.numel()].view_as(q_ids)
-    p_compact = compact[q_ids.numel() :].view_as(p_ids)
+    q_compact = torch.searchsorted(vocab, q_ids.contiguous())
+    found = torch.searchsorted(vocab, p_ids.contiguous()).clamp_max(n_vocab - 1)
+    # ids no query has go to one extra column, dropped before the matmul
+    p_compact = torch.where(vocab[found] == p_ids, found, torch.full_like(found, n_vocab))
 
-    def to_vectors(ids_: Tensor, weights: Tensor) -> Tensor:
+    def to_vectors(ids_: Tensor, weights: Tensor, width: int) -> Tensor:
         # include_self=False: entries of tokens a text lacks stay 0, the others are the max of its weights.
-        vectors = weights.new_zeros(ids_.size(0), n_vocab)
+        vectors = weights.new_zeros(ids_.size(0), width)
         return vectors.scatter_reduce(1, ids_, weights, reduce="amax", include_self=False)
 
-    return to_vectors(q_compact, q_weights) @ to_vectors(p_compact, p_weights).T
+    return to_vectors(q_compact, q_weights, n_vocab) @ to_vectors(p_compact, p_weights, n_vocab + 1)[:, :n_vocab].T
 
 
 def colbert_scores(
@@ -95,6 +101,11 @@ def colbert_scores(
     return torch.cat(sums, dim=1) / q_mask.sum(dim=-1, keepdim=True).to(q_vecs.dtype)
 
 
+M3_HEADS = ("dense", "sparse", "colbert")
+# elements of one ColBERT chunk's [Bq, Lq, chunk, Lp] token-score temporary when no chunk size is given
+COLBERT_CHUNK_ELEMENTS = 2**27
+
+
 class M3Loss(RetrievalLoss):
     """BGE-M3 unified fine-tuning loss, with self-distillation and teacher distillation.
 
@@ -103,9 +114,29 @@ class M3Loss(RetrievalLoss):
       - no teacher: InfoNCE of the positive (`contrastive_loss`);
       - `kd_loss_type="kl_div"`: `kl_div_loss` on the own-group block plus InfoNCE;
       - `kd_loss_type="m3_kd_loss"`: `m3_kd_loss` alone.
-    All heads use in-batch negatives, or only the query's own group with `in_batch=False`. The dense head
-    alone may add the other ranks' passages (`negatives_cross_device`); the ensemble and self-distillation
-    then use the local block of the dense scores, as in FlagEmbedding.
+    All heads use in-batch negatives, or only the query's own group with `in_batch=False`.
+
+    Cross-device negatives (`negatives_cross_device`, with `in_batch`): each head named in `cross_device_heads`
+    scores this rank's B queries against the passages of all W ranks (W * B * G columns), gathered with
+    gradients, so the DDP-averaged gradient is the gradient of the global-batch loss (`ark_hf.losses.infonce`).
+    Memory per head on each rank, N = W * B * G passages of Lp tokens:
+      - dense: the gathered `[N, d]` vectors and the `[B, N]` scores;
+      - sparse: the gathered ids and weights `[N, Lp]` (padded to the longest rank), and `[B + N, U_q]` compact
+        lexical vectors, U_q the distinct token ids of this rank's queries (`sparse_scores`);
+      - ColBERT: the gathered `[N, Lp, d_colbert]` token vectors and masks (by far the largest: 0.5 MiB a
+        256-token passage at d 1024 in bf16), and a `[B, Lq, chunk, Lp]` temporary scored `colbert_chunk_size`
+        passages at a time (autograd keeps only the `[B, Lq, N]` argmax indices).
+    When every head the loss uses is gathered, the ensemble s_inter and self-distillation run over the global
+    columns too: the ensemble ranks each query's candidates from every rank, exactly as one process would on the
+    concatenated batch. FlagEmbedding gathers dense only and builds its ensemble and self-distillation from the
+    *local* block of the dense scores; `cross_device_heads=("dense",)` gives that behaviour (any head left out is
+    scored in-batch, and then the ensemble uses the local block of every head).
+
+    Multi-positive awareness (`mask_other_positives`, DESIGN 5.5): a column outside query b's own group whose
+    content hash is one of b's positives (`batch.positive_hashes`, all of its `pos`, compared with
+    `batch.passage_hashes`, gathered from every rank under cross-device negatives) is removed from b's
+    candidates in every head, the ensemble and self-distillation (its logit becomes -inf). Without the two hash
+    fields nothing is removed. Component `masked_positives`: entries removed on this rank.
 
     Args (defaults are FlagEmbedding's):
         temperature: divides every head's scores (0.02, FlagEmbedding's training default).
@@ -116,23 +147,28 @@ class M3Loss(RetrievalLoss):
         loss_weights: (dense, inter, lex, mul) weights of L, combined as a weighted sum / 4.
         self_distill_weights: (dense, lex, mul) weights of L', combined as a weighted sum / 3.
         in_batch: passages of the other queries are negatives.
-        negatives_cross_device: with `in_batch`, the dense head also scores the passages of all ranks
-            (gradients exact under DDP; see `ark_hf.losses.infonce`).
+        negatives_cross_device: with `in_batch`, the heads in `cross_device_heads` score the passages of all ranks.
+        cross_device_heads: which of `"dense"`, `"sparse"`, `"colbert"` gather; `None`: every head the loss uses.
+        mask_other_positives: remove a query's other positives from its negatives (needs the hash fields).
+        colbert_chunk_size: passages per ColBERT max-sim chunk; `None`: as many as keep the temporary under
+            2**27 elements.
         kd_loss_type: `"kl_div"` or `"m3_kd_loss"`; required to pass `teacher_scores`.
         teacher_temperature: teacher scores are divided by it before the softmax.
 
     Inputs (`forward(query, passages, batch, step)`):
         query / passages: `EmbeddingOutput` of B queries and B * G passages: `dense` always, plus
             `sparse_weights`, `input_ids`, `colbert`, `colbert_mask` with `unified_finetuning`.
-        batch: `RetrievalBatch` (group size; `teacher_scores` `[B, G]` when distilling from a teacher).
+        batch: `RetrievalBatch` (group size; `teacher_scores` `[B, G]` when distilling from a teacher;
+            `passage_hashes` and `positive_hashes` for multi-positive awareness).
         step: the global training step (gates self-distillation).
 
     Differences from FlagEmbedding: the sparse scores never build `[B, L, vocab]`; the ColBERT max runs over
-    real passage tokens only; cross-device dense gradients are exact (see `ark_hf.utils.distributed`).
+    real passage tokens only; cross-device gradients are exact, for every head; a query's other positives are
+    not its negatives.
 
     Example:
         ```python
-        loss = M3Loss(unified_finetuning=True, use_self_distill=True)
+        loss = M3Loss(unified_finetuning=True, use_self_distill=True, negatives_cross_device=True)
         trainer = BGETrainer(model=model, args=config, loss=loss)
         ```
 
@@ -152,6 +188,9 @@ class M3Loss(RetrievalLoss):
         self_distill_weights: tuple[float, float, float] = (1.0, 0.1, 1.0),
         in_batch: bool = True,
         negatives_cross_device: bool = False,
+        cross_device_heads: Sequence[str] | None = None,
+        mask_other_positives: bool = True,
+        colbert_chunk_size: int | None = None,
         kd_loss_type: str | None = None,
         teacher_temperature: float = 1.0,
     ) -> None:
@@ -161,6 +200,14 @@ class M3Loss(RetrievalLoss):
         )
         if kd_loss_type not in (None, "kl_div", "m3_kd_loss"):
             raise ValueError(f"kd_loss_type must be None, 'kl_div' or 'm3_kd_loss', got {kd_loss_type!r}")
+        used = M3_HEADS if unified_finetuning else ("dense",)
+        if cross_device_heads is None:
+            cross_device_heads = used
+        unknown = [head for head in cross_device_heads if head not in M3_HEADS]
+        if unknown:
+            raise ValueError(f"cross_device_heads: unknown head(s) {unknown}; choose from {list(M3_HEADS)}")
+        if colbert_chunk_size is not None and colbert_chunk_size < 1:
+            raise ValueError(f"colbert_chunk_size must be >= 1, got {colbert_chunk_size}")
         self.temperature = temperature
         self.unified_finetuning = unified_finetuning
         self.use_self_distill = use_self_distill
@@ -170,6 +217,9 @@ class M3Loss(RetrievalLoss):
         self.self_distill_weights = tuple(self_distill_weights)
         self.in_batch = in_batch
         self.negatives_cross_device = negatives_cross_device
+        self.cross_device_heads = tuple(head for head in M3_HEADS if head in cross_device_heads)
+        self.mask_other_positives = mask_other_positives
+        self.colbert_chunk_size = colbert_chunk_size
         self.kd_loss_type = kd_loss_type
         self.teacher_temperature = teacher_temperature
 
@@ -181,11 +231,18 @@ class M3Loss(RetrievalLoss):
             return m3_kd_loss(scores, teacher_probs, columns)
         return kl_div_loss(teacher_probs, scores.gather(1, columns)) + F.cross_entropy(scores, columns[:, 0])
 
+    def _colbert(self, query: EmbeddingOutput, p_vecs: Tensor, p_mask: Tensor) -> Tensor:
+        chunk = self.colbert_chunk_size or max(
+            1, COLBERT_CHUNK_ELEMENTS // max(1, query.colbert.size(0) * query.colbert.size(1) * p_vecs.size(1))
+        )
+        return colbert_scores(query.colbert, query.colbert_mask, p_vecs, p_mask, passage_chunk_size=chunk)
+
     def compute(
         self, query: EmbeddingOutput, passages: EmbeddingOutput, batch: RetrievalBatch, step: int
     ) -> LossOutput:
         """Loss of this rank's queries; components (detached) `loss_dense`, and with unified fine-tuning
-        `loss_lex`, `loss_mul`, `loss_inter`, plus `loss_self_distill` when it is active."""
+        `loss_lex`, `loss_mul`, `loss_inter`, plus `loss_self_distill` when it is active and `masked_positives`
+        when the batch carries the hashes."""
         batch_size = query.dense.size(0)
         device = query.dense.device
         group_size = batch.group_size
@@ -200,44 +257,80 @@ class M3Loss(RetrievalLoss):
                 teacher_scores.reshape(batch_size, group_size), self.teacher_temperature
             )
 
-        own_columns = group_columns(batch_size, group_size, device=device)
-        if self.in_batch:
-            columns = own_columns
-        else:
+        used = M3_HEADS if self.unified_finetuning else ("dense",)
+        cross = self.in_batch and self.negatives_cross_device
+        gathered = {head: cross and head in self.cross_device_heads for head in used}
+        offset = rank() * batch_size if cross else 0
+        local_columns = group_columns(batch_size, group_size, device=device)
+        global_columns = group_columns(batch_size, group_size, offset, device=device)
+        if not self.in_batch:
             # Every head keeps only the [B, G] block of the query's own group, where the group is columns 0..G-1.
-            columns = torch.arange(group_size, device=device).expand(batch_size, group_size)
+            own_block = torch.arange(group_size, device=device).expand(batch_size, group_size)
 
-        def restrict(scores: Tensor) -> Tensor:
-            return scores if self.in_batch else scores.gather(1, own_columns)
+        # multi-positive mask over local and (when some head gathers) global columns
+        masks: dict[bool, Tensor | None] = {False: None, True: None}
+        components: dict[str, Tensor] = {}
+        if self.in_batch and self.mask_other_positives and batch.positive_hashes is not None:
+            hashes = batch.passage_hashes
+            if hashes is None:
+                raise ValueError("positive_hashes given without passage_hashes: cannot find the other positives")
+            positives = batch.positive_hashes.to(device)
+            hashes = hashes.to(device)
+            masks[False] = other_positive_mask(positives, hashes, local_columns)
+            if any(gathered.values()):
+                masks[True] = other_positive_mask(positives, all_gather_no_grad(hashes), global_columns)
+            # counted over the widest columns any head scores (the global ones when a head gathers)
+            components["masked_positives"] = (masks[True] if masks[True] is not None else masks[False]).sum()
 
-        t = self.temperature
-        if self.in_batch and self.negatives_cross_device:
-            offset = rank() * batch_size
-            s_dense_all = dense_scores(query.dense, all_gather_with_grad(passages.dense)) / t
-            loss_dense = self._head_loss(
-                s_dense_all, group_columns(batch_size, group_size, offset, device=device), teacher_probs
-            )
-            # The ensemble and self-distillation use this rank's own passages only.
-            s_dense = s_dense_all[:, offset * group_size : (offset + batch_size) * group_size]
-        else:
-            s_dense = restrict(dense_scores(query.dense, passages.dense) / t)
-            loss_dense = self._head_loss(s_dense, columns, teacher_probs)
-        components = {"loss_dense": loss_dense.detach()}
+        def finish(scores: Tensor, is_global: bool) -> Tensor:
+            """Temperature, the own-group block without in-batch negatives, the multi-positive mask."""
+            scores = scores / self.temperature
+            if not self.in_batch:
+                return scores.gather(1, local_columns)
+            mask = masks[is_global]
+            return scores.masked_fill(mask, float("-inf")) if mask is not None else scores
+
+        def columns_of(is_global: bool) -> Tensor:
+            if not self.in_batch:
+                return own_block
+            return global_columns if is_global else local_columns
+
+        scores: dict[str, Tensor] = {}
+        p_dense = all_gather_with_grad(passages.dense) if gathered["dense"] else passages.dense
+        scores["dense"] = finish(dense_scores(query.dense, p_dense), gathered["dense"])
+        loss_dense = self._head_loss(scores["dense"], columns_of(gathered["dense"]), teacher_probs)
+        components["loss_dense"] = loss_dense.detach()
         if not self.unified_finetuning:
             return LossOutput(loss_dense, components)
 
-        s_lex = restrict(
-            sparse_scores(query.input_ids, query.sparse_weights, passages.input_ids, passages.sparse_weights) / t
+        if gathered["sparse"]:
+            p_ids = all_gather_padded(passages.input_ids, dim=1, pad_value=-1, with_grad=False)
+            p_weights = all_gather_padded(passages.sparse_weights, dim=1, pad_value=0.0)
+        else:
+            p_ids, p_weights = passages.input_ids, passages.sparse_weights
+        scores["sparse"] = finish(
+            sparse_scores(query.input_ids, query.sparse_weights, p_ids, p_weights), gathered["sparse"]
         )
-        s_mul = restrict(
-            colbert_scores(query.colbert, query.colbert_mask, passages.colbert, passages.colbert_mask) / t
-        )
+        if gathered["colbert"]:
+            p_vecs = all_gather_padded(passages.colbert, dim=1, pad_value=0.0)
+            p_mask = all_gather_padded(passages.colbert_mask, dim=1, pad_value=0, with_grad=False)
+        else:
+            p_vecs, p_mask = passages.colbert, passages.colbert_mask
+        scores["colbert"] = finish(self._colbert(query, p_vecs, p_mask), gathered["colbert"])
+
+        loss_lex = self._head_loss(scores["sparse"], columns_of(gathered["sparse"]), teacher_probs)
+        loss_mul = self._head_loss(scores["colbert"], columns_of(gathered["colbert"]), teacher_probs)
+
+        # The ensemble runs over the global columns when every head has them, else over the local block of each.
+        ensemble_global = all(gathered.values())
+        if not ensemble_global:
+            local = slice(offset * group_size, (offset + batch_size) * group_size)
+            scores = {head: value[:, local] if gathered[head] else value for head, value in scores.items()}
+        s_dense, s_lex, s_mul = scores["dense"], scores["sparse"], scores["colbert"]
         w_dense, w_lex, w_mul = self.ensemble_weights
         s_inter = w_dense * s_dense + w_lex * s_lex + w_mul * s_mul
+        loss_inter = self._head_loss(s_inter, columns_of(ensemble_global), teacher_probs)
 
-        loss_lex = self._head_loss(s_lex, columns, teacher_probs)
-        loss_mul = self._head_loss(s_mul, columns, teacher_probs)
-        loss_inter = self._head_loss(s_inter, columns, teacher_probs)
         a_dense, a_inter, a_lex, a_mul = self.loss_weights
         loss = (a_dense * loss_dense + a_inter * loss_inter + a_lex * loss_lex + a_mul * loss_mul) / 4
         components.update(loss_lex=loss_lex.detach(), loss_mul=loss_mul.detach(), loss_inter=loss_inter.detach())

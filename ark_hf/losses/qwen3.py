@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
-from ark_hf.losses.infonce import group_columns
+from ark_hf.losses.infonce import group_columns, other_positive_mask
 from ark_hf.models.outputs import EmbeddingOutput
 from ark_hf.utils.distributed import all_gather_no_grad, all_gather_with_grad, rank
 
@@ -27,6 +27,7 @@ QWEN3_LOSS_OPTION_TYPES: dict[str, type] = {
     "use_qq": bool,
     "use_dd": bool,
     "use_inbatch_qd": bool,
+    "mask_other_positives": bool,
 }
 
 
@@ -43,6 +44,8 @@ def qwen3_infonce_loss(
     mask_false_negatives: bool = True,
     doc_hashes: Tensor | None = None,
     cross_device: bool = False,
+    positive_hashes: Tensor | None = None,
+    mask_other_positives: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The InfoNCE of the Qwen3-Embedding report (sec. 3.1), with false-negative masking.
 
@@ -63,6 +66,10 @@ def qwen3_infonce_loss(
     The d-d term is masked only by the hash rule (its scores against d_i+ are not comparable to
     s(q_i, d_i+)). Masked entries become -inf before the log-sum-exp.
 
+    Multi-positive rule (`mask_other_positives`, DESIGN 5.5; needs `positive_hashes` and `doc_hashes`): a
+    document outside query i's own group whose hash is any of i's positives (all of its `pos`) is removed from
+    the q-d and d-d terms, on every rank. The content-hash rule above is its special case for the sampled positive.
+
     Args:
         query: `[B, d]` L2-normalised query embeddings (the dot product is the cosine; not renormalised here).
         docs: `[B * G, d]` L2-normalised document embeddings, query b's group at rows `b * G ...`, positive first.
@@ -75,10 +82,13 @@ def qwen3_infonce_loss(
             rule applies.
         cross_device: candidates (queries, documents, hashes) come from all ranks; each rank returns the
             mean over its own queries, and gradients stay exact under DDP (module docstring).
+        positive_hashes: `[B, P]` content hashes of each query's positives, padded with -1.
+        mask_other_positives: apply the multi-positive rule.
 
     Returns:
-        `(loss, stats)`, stats holding this rank's `masked` (candidate entries removed by the mask) and
-        `candidates` (negative entries left in the denominators), as int64 tensors.
+        `(loss, stats)`, stats holding this rank's `masked` (candidate entries removed by any rule),
+        `candidates` (negative entries left in the denominators) and, with the multi-positive rule,
+        `masked_positives` (entries it removed), as int64 tensors.
     """
     batch_size = query.size(0)
     if docs.size(0) != batch_size * group_size:
@@ -107,6 +117,10 @@ def qwen3_infonce_loss(
     same_as_pos = None
     if mask_false_negatives and all_hashes is not None:
         same_as_pos = all_hashes[None, :] == all_hashes[pos_cols][:, None]  # [B, N]
+    other_positive = None
+    if mask_other_positives and positive_hashes is not None and all_hashes is not None:
+        other_positive = other_positive_mask(positive_hashes, all_hashes, own)  # [B, N]
+    positive_removed = []
 
     def false_negatives(sim: Tensor, candidates: Tensor, threshold_rule: bool, hash_rule: bool) -> Tensor:
         """Candidates of one term removed by the mask rules that apply to it."""
@@ -115,6 +129,9 @@ def qwen3_infonce_loss(
             removed |= sim > threshold
         if hash_rule and same_as_pos is not None:
             removed |= same_as_pos
+        if hash_rule and other_positive is not None:
+            positive_removed.append((other_positive & candidates).sum())
+            removed |= other_positive
         return removed & candidates
 
     # q-d: the own group always, other groups with in-batch negatives. The positive stays in: it is the target.
@@ -147,7 +164,10 @@ def qwen3_infonce_loss(
     loss = F.cross_entropy(torch.cat(blocks, dim=1), pos_cols)
     n_masked = torch.stack([r.sum() for r in removed]).sum()
     n_candidates = torch.stack([c.sum() for c in candidates]).sum() - n_masked
-    return loss, {"masked": n_masked, "candidates": n_candidates}
+    stats = {"masked": n_masked, "candidates": n_candidates}
+    if other_positive is not None:
+        stats["masked_positives"] = torch.stack(positive_removed).sum()
+    return loss, stats
 
 
 def check_qwen3_options(
@@ -185,10 +205,12 @@ class Qwen3InfoNCELoss(RetrievalLoss):
         mask_false_negatives: apply the mask (threshold and content-hash rules).
         in_batch_negatives: off: only the query's own group (hard negatives), no q-q, d-d or in-batch q-d terms.
         use_qq, use_dd, use_inbatch_qd: the q-q, d-d and in-batch q-d terms.
+        mask_other_positives: a query's other positives (by content hash, any rank) are not its negatives.
         negatives_cross_device: candidates come from all ranks (with `in_batch_negatives`).
 
     Components: `masked_negatives` and `negatives` (candidates removed by the mask and left in the
-    denominators, this rank's counts).
+    denominators, this rank's counts), and `masked_positives` (removed as another positive of the query) when
+    the batch carries `positive_hashes`.
 
     Differences from ms-swift: the hash rule matches copies of the positive by content, not by index; q-q and
     d-d terms are switchable; cross-device gradients are exact (bench/results/swift_infonce_parity.md).
@@ -214,6 +236,7 @@ class Qwen3InfoNCELoss(RetrievalLoss):
         use_qq: bool = True,
         use_dd: bool = True,
         use_inbatch_qd: bool = True,
+        mask_other_positives: bool = True,
         negatives_cross_device: bool = False,
     ) -> None:
         super().__init__(
@@ -224,6 +247,7 @@ class Qwen3InfoNCELoss(RetrievalLoss):
             use_qq=use_qq,
             use_dd=use_dd,
             use_inbatch_qd=use_inbatch_qd,
+            mask_other_positives=mask_other_positives,
         )
         self.negatives_cross_device = negatives_cross_device
 
@@ -255,5 +279,10 @@ class Qwen3InfoNCELoss(RetrievalLoss):
             mask_false_negatives=options["mask_false_negatives"],
             doc_hashes=hashes.to(query.dense.device) if hashes is not None else None,
             cross_device=in_batch and self.negatives_cross_device,
+            positive_hashes=batch.positive_hashes,
+            mask_other_positives=options["mask_other_positives"],
         )
-        return LossOutput(loss, {"masked_negatives": stats["masked"], "negatives": stats["candidates"]})
+        components = {"masked_negatives": stats["masked"], "negatives": stats["candidates"]}
+        if "masked_positives" in stats:
+            components["masked_positives"] = stats["masked_positives"]
+        return LossOutput(loss, components)

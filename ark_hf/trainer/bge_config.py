@@ -46,7 +46,11 @@ class BGETrainerConfig(RetrieverConfig):
         temperature (`float`, defaults to `0.02`): Scores of every head are divided by it.
         loss_preset (`str`, defaults to `"flagembedding"`): Weights of the released code, or `"paper"`.
         in_batch_negatives (`bool`, defaults to `True`): Other queries' passages are negatives too.
-        negatives_cross_device (`bool`, defaults to `False`): Dense negatives from every process.
+        negatives_cross_device (`bool`, defaults to `False`): Negatives from every process (exact gradients).
+        cross_device_heads (`list[str]` or `None`): Heads that gather (`dense`, `sparse`, `colbert`); default every
+            head trained. `dense` alone is FlagEmbedding's behaviour (ensemble over local columns).
+        mask_other_positives (`bool`, defaults to `True`): A query's other positives are not its negatives.
+        colbert_chunk_size (`int` or `None`): Passages per ColBERT max-sim chunk (bounds the loss's memory).
         fix_encoder (`bool`, defaults to `False`): Train only the sparse and ColBERT heads.
 
         > Teacher distillation
@@ -95,7 +99,22 @@ class BGETrainerConfig(RetrieverConfig):
         default=True, metadata={"help": "Use the other queries' passages as negatives (off: own group only)."}
     )
     negatives_cross_device: bool = field(
-        default=False, metadata={"help": "Gather dense negatives from all processes (exact global-batch gradient)."}
+        default=False, metadata={"help": "Gather negatives from all processes (exact global-batch gradient)."}
+    )
+    cross_device_heads: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Heads whose negatives come from every process with negatives_cross_device: any of dense sparse "
+            "colbert (default: every head trained; 'dense' alone is FlagEmbedding's behaviour).",
+            "nargs": "+",
+        },
+    )
+    mask_other_positives: bool = field(
+        default=True,
+        metadata={"help": "Remove a query's other positives (all of `pos`, by content hash) from its negatives."},
+    )
+    colbert_chunk_size: int | None = field(
+        default=None, metadata={"help": "Passages per ColBERT max-sim chunk in the loss (default: automatic)."}
     )
     fix_encoder: bool = field(default=False, metadata={"help": "Freeze the encoder; train the sparse/ColBERT heads."})
     knowledge_distillation: bool = field(
@@ -134,6 +153,16 @@ class BGETrainerConfig(RetrieverConfig):
             raise ValueError(
                 "negatives_cross_device needs in_batch_negatives=True (own-group scoring has no other negatives)"
             )
+        if self.cross_device_heads is not None:
+            unknown = [head for head in self.cross_device_heads if head not in ("dense", "sparse", "colbert")]
+            if unknown or not self.cross_device_heads:
+                raise ValueError(
+                    f"cross_device_heads: {self.cross_device_heads} must name heads among dense, sparse, colbert"
+                )
+            if not self.negatives_cross_device:
+                raise ValueError("cross_device_heads is set but negatives_cross_device=False; set it to True")
+        if self.colbert_chunk_size is not None and self.colbert_chunk_size < 1:
+            raise ValueError(f"colbert_chunk_size must be >= 1, got {self.colbert_chunk_size}")
         if self.knowledge_distillation and self.train_group_size < 2:
             raise ValueError("knowledge_distillation needs train_group_size >= 2 (a teacher ranks a group)")
 

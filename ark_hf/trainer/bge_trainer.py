@@ -94,6 +94,9 @@ class BGETrainer(BaseRetrieverTrainer):
             self_distill_weights=preset["self_distill_weights"],
             in_batch=args.in_batch_negatives,
             negatives_cross_device=args.negatives_cross_device,
+            cross_device_heads=args.cross_device_heads,
+            mask_other_positives=args.mask_other_positives,
+            colbert_chunk_size=args.colbert_chunk_size,
             kd_loss_type=args.kd_loss_type if args.knowledge_distillation else None,
             teacher_temperature=args.teacher_temperature,
         )

@@ -51,6 +51,8 @@ class QwenTrainerConfig(RetrieverConfig):
         in_batch_negatives (`bool`, defaults to `True`): Master switch of the in-batch terms; off: each query sees
             only its own group (ms-swift's `INFONCE_USE_BATCH=false`).
         use_qq, use_dd, use_inbatch_qd (`bool`, default `True`): The report's q-q', d-d' and q-d' terms.
+        mask_other_positives (`bool`, default `True`): A query's other positives (all of `pos`, by content hash,
+            on any process) are not its negatives.
         negatives_cross_device (`bool`, defaults to `False`): Candidates from every process (exact DDP gradients).
         matryoshka_dims, matryoshka_weights (`list` or `None`): Matryoshka (MRL) sizes and their loss weights.
 
@@ -137,6 +139,10 @@ class QwenTrainerConfig(RetrieverConfig):
     )
     use_inbatch_qd: bool = field(
         default=True, metadata={"help": "Other queries' documents are negatives of the query (q-d')."}
+    )
+    mask_other_positives: bool = field(
+        default=True,
+        metadata={"help": "Remove a query's other positives (all of `pos`, by content hash) from its negatives."},
     )
     negatives_cross_device: bool = field(
         default=False, metadata={"help": "Gather candidates from all processes (exact global-batch gradient)."}
