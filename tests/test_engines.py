@@ -82,7 +82,16 @@ def train_file(tmp_path_factory) -> Path:
 
 RECIPE_ARGS = {
     "bge_m3": ["--config", str(ROOT / "recipes/configs/bge_m3_cpu_demo.yaml"), "--eval_modes", "dense"],
-    "qwen3_embedding": ["--use_cpu", "true", "--report_to", "none", "--query_max_len", "32", "--passage_max_len", "64"],
+    "qwen3_embedding": [
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--query_max_len",
+        "32",
+        "--passage_max_len",
+        "64",
+    ],
 }
 
 
