@@ -39,7 +39,7 @@ from torch import Tensor
 from ark_hf.losses.base import LossOutput
 from ark_hf.models.outputs import EmbeddingOutput
 
-__all__ = ["GradCache", "chunk_features"]
+__all__ = ["BackwardHooks", "GradCache", "chunk_features"]
 
 # head outputs that carry gradient (the others, token ids and masks, are integer bookkeeping)
 DIFFERENTIABLE_FIELDS = ("dense", "sparse_weights", "colbert")
@@ -92,6 +92,33 @@ def _leaf_tensors(output: EmbeddingOutput) -> list[tuple[str, Tensor]]:
             and getattr(output, name).requires_grad]  # fmt: skip
 
 
+class BackwardHooks:
+    """How a cached step's several backwards reach the parameters (plain autograd here).
+
+    A step runs one backward per mini-batch; a distributed engine must reduce the gradients once, after the
+    last. `no_sync()` wraps every mini-batch but the last (DDP/FSDP suspend their all-reduce there), and
+    `backward(loss, last=...)` runs each backward, told whether it is the step's last (DeepSpeed sets its
+    accumulation boundary from it). `ark_hf.trainer.engines.backward_hooks` gives the trainer's engine's.
+    """
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor, *, last: bool) -> None:
+        loss.backward()
+
+
+class _CallableHooks(BackwardHooks):
+    def __init__(self, backward: Callable[[Tensor], None], no_sync: Callable[[], contextlib.AbstractContextManager]):
+        self._backward, self._no_sync = backward, no_sync
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self._no_sync()
+
+    def backward(self, loss: Tensor, *, last: bool) -> None:
+        self._backward(loss)
+
+
 class GradCache:
     """The two-pass engine. One instance per trainer; `mini_batch_size` texts per forward pass.
 
@@ -116,10 +143,11 @@ class GradCache:
         query_features: dict[str, Tensor],
         passage_features: dict[str, Tensor],
         compute_loss: Callable[[EmbeddingOutput, EmbeddingOutput], LossOutput],
-        backward: Callable[[Tensor], None],
+        backward: Callable[[Tensor], None] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         loss_scale: float = 1.0,
         check: Callable[[LossOutput], None] | None = None,
+        hooks: BackwardHooks | None = None,
     ) -> LossOutput:
         """One cached forward/backward.
 
@@ -131,7 +159,10 @@ class GradCache:
             no_sync: a context in which a backward does not synchronise gradients across processes.
             loss_scale: the cached gradients are those of `loss * loss_scale` (1 / gradient accumulation steps).
             check: called with the loss output before any backward (the NaN guard); may raise to skip the step.
+            hooks: a `BackwardHooks` (an engine's backward and `no_sync`), in place of `backward`/`no_sync`.
         """
+        if hooks is None:
+            hooks = _CallableHooks(backward, no_sync) if backward is not None else BackwardHooks()
         chunks = [("q", c) for c in chunk_features(query_features, self.mini_batch_size)]
         chunks += [("p", c) for c in chunk_features(passage_features, self.mini_batch_size)]
         device = next(iter(query_features.values())).device
@@ -154,19 +185,22 @@ class GradCache:
             if grad is not None:
                 cached[role][name] = grad
         offsets = {"q": 0, "p": 0}
-        last = len(chunks) - 1
+        # the last mini-batch with a gradient to pass on: the engine synchronises (and steps) after it
+        last = max((i for i, (role, _) in enumerate(chunks) if cached[role]), default=len(chunks) - 1)
         for index, ((role, chunk), state) in enumerate(zip(chunks, states)):
             n = next(iter(chunk.values())).size(0)
             start = offsets[role]
             offsets[role] += n
+            if index > last:
+                continue
             state.restore()
-            with no_sync() if index < last else contextlib.nullcontext():
+            with hooks.no_sync() if index < last else contextlib.nullcontext():
                 embedded = encode(chunk)
                 surrogate = sum(
                     (getattr(embedded, name) * grad[start : start + n].to(getattr(embedded, name).dtype)).sum()
                     for name, grad in cached[role].items()
                 )
                 if torch.is_tensor(surrogate) and surrogate.requires_grad:
-                    backward(surrogate)
+                    hooks.backward(surrogate, last=index == last)
         after_first_pass.restore()
         return replace(output, loss=output.loss.detach())

@@ -454,6 +454,8 @@ class BGEM3Model(RetrieverModule):
         """Load a saved model; all three heads are restored exactly (missing heads raise unless told)."""
         return cls(model_name=path, **kwargs)
 
+    _no_split_modules = property(lambda self: list(getattr(self.model, "_no_split_modules", None) or []))  # FSDP wrap
+
     def save_pretrained(self, output_dir: str | os.PathLike, *, max_seq_length: int = 512, **kwargs: Any) -> None:
         """Write a folder that FlagEmbedding, sentence-transformers and `from_pretrained` all load.
 

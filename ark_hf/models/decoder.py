@@ -173,6 +173,7 @@ class DecoderEmbedder(RetrieverModule):
     """
 
     supports_gradient_checkpointing = True
+    _no_split_modules = property(lambda self: list(getattr(self.backbone, "_no_split_modules", None) or []))  # FSDP
 
     def __init__(
         self,

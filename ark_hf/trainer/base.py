@@ -42,6 +42,7 @@ from ark_hf.losses.cached import GradCache
 from ark_hf.models.outputs import RetrieverOutput
 from ark_hf.trainer.atomic_save import TRAINING_ARGS_NAME, AtomicSaveMixin
 from ark_hf.trainer.base_config import RetrieverConfig
+from ark_hf.trainer.engines import backward_hooks
 from ark_hf.utils import preflight
 from ark_hf.utils.preflight import (
     NonFiniteLossError,
@@ -162,12 +163,11 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         if self.curriculum is not None:
             self._bind_curriculum(stage_records)
         self.grad_cache = GradCache(args.mini_batch_size) if args.mini_batch_size else None
-        if self.grad_cache is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled or args.n_gpu > 1):
-            engine = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP" if self.is_fsdp_enabled else "DataParallel"
+        if self.grad_cache is not None and args.n_gpu > 1:  # DDP, DeepSpeed and FSDP: ark_hf/trainer/engines.py
             raise ValueError(
-                f"mini_batch_size (GradCache) does not run under {engine} yet: its per-mini-batch backward must go "
-                "through the engine once per optimizer step; use DDP (accelerate_configs/multi_gpu.yaml) or unset "
-                "mini_batch_size"
+                f"mini_batch_size (GradCache) does not run under torch.nn.DataParallel ({args.n_gpu} GPUs in one "
+                "process): launch one process per GPU with accelerate_configs/multi_gpu.yaml (DDP), "
+                "deepspeed_zero2.yaml, deepspeed_zero3.yaml or fsdp.yaml, or unset mini_batch_size"
             )
 
     @staticmethod
@@ -406,8 +406,7 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
                 query_features=inputs["query"],
                 passage_features=inputs["passages"],
                 compute_loss=compute,
-                backward=self.accelerator.backward,
-                no_sync=lambda: self.accelerator.no_sync(model),
+                hooks=backward_hooks(self.accelerator, model),  # each mini-batch's backward through the engine
                 loss_scale=scale,
                 check=lambda out: self.check_finite(out.loss, out.components, inputs),
             )

@@ -40,6 +40,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "ModelFileError",
     "TokenizerError",
+    "check_accelerate_config",
     "check_batches",
     "check_before_training",
     "check_checkpoint_matches",
@@ -123,6 +124,53 @@ def check_batches(num_records: int, args: Any, *, world_size: int | None = None)
         )
     if num_records == 0:
         raise ConfigError("no training records: nothing to train on")
+
+
+# ------------------------------------------------------------------------------------------ accelerate config
+def check_accelerate_config(args: Any, environ: dict[str, str] | None = None) -> None:
+    """Refuse an accelerate config (`accelerate launch --config_file F`) this run cannot train under.
+
+    `accelerate launch` exports the config's values as environment variables (not the file's path); they are
+    read here, and errors name the config key (and `ACCELERATE_CONFIG_FILE` when set). Refuses: a DeepSpeed config
+    when deepspeed is not installed; ZeRO-3 without `zero3_save_16bit_model` (the final save would hold only
+    shards: no `model.safetensors`, no head files); FSDP with `use_cpu` (accelerate then runs no FSDP at all);
+    with several processes, gradient accumulation and GradCache, a per-process batch that does not split into
+    whole mini-batches.
+
+    Raises:
+        ConfigError: naming the config key (and the file when known).
+    """
+    import importlib.util
+
+    env = os.environ if environ is None else environ
+    where = env.get("ACCELERATE_CONFIG_FILE") or "the accelerate config"
+    flag = lambda name: env.get(name, "false").lower() == "true"  # noqa: E731
+    if flag("ACCELERATE_USE_DEEPSPEED"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"{where}: key 'distributed_type: DEEPSPEED' needs the deepspeed package, which is not installed "
+                "(pip install deepspeed), or launch with accelerate_configs/multi_gpu.yaml"
+            )
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage == "3" and not flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"):
+            raise ConfigError(
+                f"{where}: key 'deepspeed_config.zero3_save_16bit_model' must be true under ZeRO-3: without it the "
+                "saved model is only DeepSpeed shards (no model.safetensors, no sparse/ColBERT head files)"
+            )
+    if flag("ACCELERATE_USE_FSDP") and (flag("ACCELERATE_USE_CPU") or getattr(args, "use_cpu", False)):
+        raise ConfigError(
+            f"{where}: key 'distributed_type: FSDP' with 'use_cpu' (or the training config's use_cpu): accelerate "
+            "runs FSDP only on accelerators; use accelerate_configs/multi_gpu.yaml (DDP) on CPU"
+        )
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    mini = getattr(args, "mini_batch_size", None)
+    batch = getattr(args, "per_device_train_batch_size", 1)
+    if mini and world > 1 and getattr(args, "gradient_accumulation_steps", 1) > 1 and batch % mini:
+        raise ConfigError(
+            f"{where}: key 'num_processes' ({world}) with per_device_train_batch_size={batch}, "
+            f"mini_batch_size={mini} and gradient accumulation: each process's batch must split into whole "
+            "mini-batches; make per_device_train_batch_size a multiple of mini_batch_size"
+        )
 
 
 def metric_keys(modes: Iterable[str], name: str = "") -> set[str]:
@@ -410,6 +458,7 @@ def preflight(config: Any, trainer_cls: type | None = None) -> list[dict] | None
     from ark_hf.utils.locking import acquire_output_dir_lock, check_output_dir_lock
 
     check_config_values(config)
+    check_accelerate_config(config)
     train_data = _paths(getattr(config, "train_data", None))
     eval_data = getattr(config, "eval_data", None)
     model_path = getattr(config, "model_name_or_path", None)

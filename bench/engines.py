@@ -1,0 +1,250 @@
+"""Every accelerate config x both recipes, on ONE GPU (1 process per config), with GradCache.
+
+Each cell runs `accelerate launch --config_file <config with num_processes: 1> bench/engines.py --worker ...`
+in its own process. The worker:
+- builds the recipe's trainer;
+- trains ~50 steps with `mini_batch_size`;
+- records the loss at steps 1/10/50, tokens/s (non-padding tokens of queries and passages) and peak GPU memory;
+- embeds a fixed set of texts in memory;
+- saves the final model, reloads it from the folder, and checks that the reloaded embeddings match the
+  in-memory ones to 1e-3 (bf16).
+
+A cell that fails records its error (the last lines of stderr), and the next cell still runs.
+
+Models: random-weight replicas of BGE-M3 (XLM-R large: hidden 1024, 16 heads, FFN 4096, vocab 250,002) and
+Qwen3-Embedding-0.6B (hidden 1024, 16/8 heads, FFN 3072, vocab 151,669). Both use the real tokenizers from
+`ark_hf.assets`. Depth is cut to 4 layers at full width, so a cell takes ~30 s.
+
+GPU (the whole run must stay under 9 minutes; deepspeed from wheels in .whl/ when it is not installed):
+    pip install --no-index --find-links .whl deepspeed hjson ninja py-cpuinfo msgpack  # if needed
+    python bench/engines.py --out bench/results/engines_h200.json
+CPU smoke test (tiny models, 2 steps, the configs that run on CPU):
+    python bench/engines.py --device cpu --tiny --out /tmp/engines_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["single_gpu", "multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp"]
+RECIPES = ["bge_m3", "qwen3_embedding"]
+TEXTS = [
+    "how do I renew a building permit",
+    "A building permit can be renewed online before it expires, for a small fee.",
+    "what documents does a passport application need",
+    "Bygglov förnyas på nätet innan det går ut.",
+]
+
+
+def build_models(folder: Path, tiny: bool) -> dict[str, str]:
+    """The two replicas (random weights, real tokenizers), built once."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model, XLMRobertaConfig, XLMRobertaModel
+
+    from ark_hf import assets
+
+    paths = {"bge_m3": folder / "bge_m3_replica", "qwen3_embedding": folder / "qwen3_replica"}
+    if tiny:
+        assets.build_tiny_xlmr(paths["bge_m3"])
+        assets.build_tiny_qwen3(paths["qwen3_embedding"])
+        return {k: str(v) for k, v in paths.items()}
+    torch.manual_seed(0)
+    tok = assets.build_xlmr_tokenizer()
+    XLMRobertaModel(
+        XLMRobertaConfig(vocab_size=len(tok), hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                         intermediate_size=4096, max_position_embeddings=8194, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id),
+        add_pooling_layer=False,
+    ).save_pretrained(paths["bge_m3"])  # fmt: skip
+    tok.save_pretrained(paths["bge_m3"])
+    tok = assets.build_qwen3_tokenizer()
+    Qwen3Model(
+        Qwen3Config(vocab_size=len(tok), hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+                    tie_word_embeddings=True)
+    ).save_pretrained(paths["qwen3_embedding"])  # fmt: skip
+    tok.save_pretrained(paths["qwen3_embedding"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def write_data(path: Path) -> None:
+    from ark_hf.assets import load_faq
+
+    rows = load_faq("en")
+    n = len(rows)
+    path.write_text(
+        "".join(
+            json.dumps({"query": r["q"], "pos": [r["a"]], "neg": [rows[(i + k) % n]["a"] for k in (1, 2, 3)]}) + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
+
+
+def launch_config(name: str, folder: Path, cpu: bool) -> Path:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "accelerate_configs" / f"{name}.yaml").read_text())
+    config["num_processes"] = 1
+    if cpu:
+        config["mixed_precision"] = "no"
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def worker(spec: dict) -> None:
+    import torch
+    from transformers import TrainerCallback
+
+    from ark_hf import BGETrainer
+    from ark_hf.trainer.qwen_trainer import QwenTrainer
+    from ark_hf.utils.cli import parse_config
+    from ark_hf.utils.preflight import preflight
+
+    trainer_class = BGETrainer if spec["recipe"] == "bge_m3" else QwenTrainer
+    config = parse_config(trainer_class.config_class, spec["argv"])
+    records = preflight(config, trainer_class)
+    tokens = {"n": 0}
+
+    class Meter(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            tokens["seconds"] = time.perf_counter() - self.start
+
+    trainer = trainer_class(args=config, train_dataset=records, callbacks=[Meter()])
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        tokens["n"] += int(batch["query"]["attention_mask"].sum() + batch["passages"]["attention_mask"].sum())
+        return batch
+
+    trainer.data_collator = counting
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    model = trainer.model
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    features = {k: v.to(trainer.args.device) for k, v in unwrapped.tokenize(TEXTS, 64).items()}
+    model.eval()
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        in_memory = model(passages=features).passages.dense.float().cpu()
+    trainer.save_model(config.output_dir)
+    result = {
+        "losses": {str(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
+        "tokens_per_s": tokens["n"] / tokens["seconds"],
+        "peak_memory_gib": peak,
+    }
+    if trainer.is_world_process_zero():
+        if spec["recipe"] == "bge_m3":
+            from ark_hf import BGEM3Model
+
+            reloaded = BGEM3Model.from_pretrained(config.output_dir)
+        else:
+            from ark_hf.models.decoder import DecoderEmbedder
+
+            reloaded = DecoderEmbedder(config.output_dir)
+        dtype = torch.bfloat16 if spec["bf16"] else torch.float32
+        reloaded = reloaded.to(trainer.args.device, dtype).eval()
+        with torch.no_grad(), torch.autocast(trainer.args.device.type, dtype, enabled=spec["bf16"]):
+            again = reloaded(passages=features).passages.dense.float().cpu()
+        result["reload_max_abs_diff"] = float((again - in_memory).abs().max())
+        result["reload_ok"] = result["reload_max_abs_diff"] <= 1e-3
+        Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny models, 2 steps (a smoke test)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "engines_h200.json"))
+    parser.add_argument("--work", default="/tmp/ark_hf_engines_bench")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--cell_timeout", type=int, default=90)
+    parser.add_argument("--configs", nargs="*", default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    cpu = args.device == "cpu"
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    models = build_models(work, args.tiny)
+    data = work / "train.jsonl"
+    write_data(data)
+    steps = args.steps or (2 if args.tiny else 50)
+    configs = args.configs or ([c for c in CONFIGS if c in ("single_gpu", "deepspeed_zero2")] if cpu else CONFIGS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cells, started = [], time.perf_counter()
+    for name in configs:
+        for recipe in RECIPES:
+            out = work / f"{name}_{recipe}"
+            argv = [
+                "--model_name_or_path", models[recipe], "--train_data", str(data), "--output_dir", str(out),
+                "--overwrite_output_dir", "true", "--max_steps", str(steps), "--logging_steps", "1",
+                "--per_device_train_batch_size", "4" if args.tiny else "32", "--train_group_size", "4",
+                "--mini_batch_size", "4" if args.tiny else "32", "--query_max_len", "64", "--passage_max_len", "256",
+                "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-5",
+                "--gradient_checkpointing", "true",
+            ]  # fmt: skip
+            argv += ["--use_cpu", "true"] if cpu else ["--bf16", "true"]
+            if recipe == "bge_m3":
+                argv += ["--init_missing_heads", "true", "--unified_finetuning", "true", "--use_self_distill", "true"]
+            spec = {"recipe": recipe, "argv": argv, "bf16": not cpu, "result": str(out) + ".json"}
+            command = [
+                str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                str(launch_config(name, work, cpu)), __file__, "--worker", json.dumps(spec),
+            ]  # fmt: skip
+            cell = {
+                "config": name,
+                "recipe": recipe,
+                "steps": steps,
+                "command": " ".join(command[:4]) + " bench/engines.py --worker <spec>",
+                "argv": argv,
+            }
+            t0 = time.perf_counter()
+            try:
+                run = subprocess.run(
+                    command, capture_output=True, text=True, timeout=args.cell_timeout, env=env, cwd=ROOT
+                )
+                if run.returncode != 0:
+                    cell["error"] = run.stderr[-2000:]
+                else:
+                    result = json.loads(Path(spec["result"]).read_text())
+                    losses = result.pop("losses")
+                    cell["loss"] = {s: losses.get(str(s)) for s in (1, 10, steps)}
+                    cell.update(result)
+            except Exception as error:  # a timeout or an unreadable result: record and go on
+                cell["error"] = f"{type(error).__name__}: {error}"
+            cell["seconds"] = round(time.perf_counter() - t0, 1)
+            cells.append(cell)
+            print(json.dumps({k: v for k, v in cell.items() if k != "error"}), "ERROR" if "error" in cell else "")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "command": " ".join([sys.executable, *sys.argv]),
+                "total_seconds": time.perf_counter() - started,
+                "cells": cells,
+            },
+            indent=2,
+        )  # fmt: skip
+    )
+
+
+if __name__ == "__main__":
+    main()

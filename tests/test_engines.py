@@ -1,0 +1,266 @@
+"""The shipped accelerate configs under the real `accelerate launch` (2 CPU processes, gloo).
+
+CPU configs are made in a tmp dir from the shipped ones, changing only `num_processes: 2`, `mixed_precision:
+'no'` (float32/64 on CPU) and the port. `use_cpu: true` / `MULTI_CPU` would not do: `accelerate launch` then
+starts ONE process (multi-CPU launches need mpirun); with the shipped `use_cpu: false` it starts torchrun, and
+the training config's `use_cpu: true` makes each process a gloo (MULTI_CPU) rank.
+DeepSpeed runs on CPU (its CPU accelerator, gloo); FSDP does not: accelerate applies an FSDP plugin only on
+GPU/XPU/NPU-like devices (`AcceleratorState` turns `use_cpu` into `MULTI_CPU`, which never becomes `FSDP`), so
+preflight refuses the combination and FSDP is tested here only through its wrap policy (the GPU bench runs it).
+
+This file is also the worker of the gradient test: `accelerate launch tests/test_engines.py grads OUT MINI`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "accelerate_configs"
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "WANDB_MODE": "disabled",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_config(name: str, folder: Path) -> Path:
+    """The shipped `accelerate_configs/<name>.yaml` with only what 2 CPU processes require changed."""
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    config.update(num_processes=2, mixed_precision="no", main_process_port=_free_port())
+    path = folder / f"{name}_cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _launch(config: Path, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    if "MULTI_GPU" in config.read_text():
+        # `accelerate launch` with the DDP config starts torchrun, but on a CUDA-less machine its processes come up
+        # as NO-distributed (each saves alone and they collide on the output_dir lock); torchrun itself works
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *args]
+    else:
+        accelerate = Path(sys.executable).with_name("accelerate")  # the console script of this environment
+        command = [str(accelerate), "launch", "--config_file", str(config), script, *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    from ark_hf.assets import load_faq
+
+    rows = load_faq("en")[:16]
+    path = tmp_path_factory.mktemp("engines_data") / "train.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"query": r["q"], "pos": [r["a"]], "neg": [rows[(i + 1) % len(rows)]["a"]]}) + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
+    return path
+
+
+RECIPE_ARGS = {
+    "bge_m3": ["--config", str(ROOT / "recipes/configs/bge_m3_cpu_demo.yaml"), "--eval_modes", "dense"],
+    "qwen3_embedding": [
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--query_max_len",
+        "32",
+        "--passage_max_len",
+        "64",
+    ],
+}
+
+
+def _recipe(engine: str, recipe: str, model: str, train_file: Path, out: Path, tmp: Path) -> dict:
+    """Two GradCache steps of a recipe under an engine; a checkpoint at step 2 and the final save."""
+    _launch(
+        cpu_config(engine, tmp),
+        str(ROOT / "recipes" / f"{recipe}.py"),
+        *RECIPE_ARGS[recipe],
+        "--model_name_or_path", model, "--train_data", str(train_file), "--output_dir", str(out),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--train_group_size", "2", "--mini_batch_size", "3",
+        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
+    )  # fmt: skip
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert (out / "checkpoint-2" / "rng_state_1.pth").is_file()  # two processes ran
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 2 and all(0 < loss < 100 for loss in losses)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ FSDP wrap
+@pytest.mark.parametrize("kind", ["bge", "qwen"])
+def test_fsdp_wrap_policy_finds_the_layer_classes(kind, tiny_xlmr_path, tiny_qwen3_path):
+    """accelerate's TRANSFORMER_BASED_WRAP, configured from fsdp.yaml, resolves the backbone's layer classes."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from ark_hf.models.bge_m3 import BGEM3Model
+    from ark_hf.models.decoder import DecoderEmbedder
+
+    fsdp = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if kind == "bge":
+        model, layer = BGEM3Model(tiny_xlmr_path, init_missing_heads=True), "XLMRobertaLayer"
+    else:
+        model, layer = DecoderEmbedder(tiny_qwen3_path), "Qwen3DecoderLayer"
+    assert layer in model._no_split_modules
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower()
+    )
+    plugin.set_auto_wrap_policy(model)  # FSDP1's path
+    classes = {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]}
+    assert layer in classes
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=transformer_auto_wrap_policy)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)  # FSDP2's path (fsdp.yaml)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    n_layers = model.config.num_hidden_layers
+    assert sum(type(m).__name__ == layer for _, m in model.named_modules() if policy(m)) == n_layers, wrapped
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+# slow and failing for now: the 2 launched processes come up with parallel_mode != DISTRIBUTED (see docs/engines.md)
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["bge_m3", "qwen3_embedding"])
+def test_recipe_under_ddp_with_gradcache(recipe, train_file, tiny_xlmr_path, tiny_qwen3_path, tmp_path):
+    from ark_hf import BGEM3Model
+    from ark_hf.models.decoder import DecoderEmbedder
+
+    model = tiny_xlmr_path if recipe == "bge_m3" else tiny_qwen3_path
+    out = tmp_path / "out"
+    _recipe("multi_gpu", recipe, model, train_file, out, tmp_path)
+    if recipe == "bge_m3":
+        assert BGEM3Model.from_pretrained(str(out)).heads_trained
+    else:
+        DecoderEmbedder(str(out))
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("recipe", ["bge_m3", "qwen3_embedding"])
+def test_recipe_under_deepspeed_with_gradcache(engine, recipe, train_file, tiny_xlmr_path, tiny_qwen3_path, tmp_path):
+    pytest.importorskip("deepspeed")
+    from ark_hf.models.decoder import DecoderEmbedder
+
+    model = tiny_xlmr_path if recipe == "bge_m3" else tiny_qwen3_path
+    out = tmp_path / "out"
+    _recipe(engine, recipe, model, train_file, out, tmp_path)
+    if recipe == "qwen3_embedding":
+        reloaded = DecoderEmbedder(str(out))
+        start = DecoderEmbedder(model)
+        moved = [
+            not torch.equal(a, b)
+            for a, b in zip(reloaded.backbone.state_dict().values(), start.backbone.state_dict().values())
+        ]
+        assert any(moved)  # the saved weights are the trained ones, gathered from the shards
+        return
+    _check_flag_embedding_loads_trained_heads(out, tiny_xlmr_path)
+
+
+def _check_flag_embedding_loads_trained_heads(out: Path, start_path: str) -> None:
+    """The saved folder loads in FlagEmbedding; its heads are the trained ones (not fresh, not partial)."""
+    flag_embedding = pytest.importorskip("FlagEmbedding")
+    from ark_hf import BGEM3Model
+
+    ours = BGEM3Model.from_pretrained(str(out))
+    assert ours.heads_trained
+    for name in ("colbert_linear.pt", "sparse_linear.pt"):
+        state = torch.load(out / name, map_location="cpu")
+        assert all(v.numel() > 0 and torch.isfinite(v).all() for v in state.values()), name
+    torch.manual_seed(0)  # the same seed gives the same fresh heads: the saved ones must differ from them
+    fresh = BGEM3Model(start_path, init_missing_heads=True)
+    assert not torch.equal(ours.colbert_linear.weight, fresh.colbert_linear.weight)
+    flag = flag_embedding.BGEM3FlagModel(str(out), use_fp16=False, devices="cpu", pooling_method="mean")
+    texts = ["how do I renew a building permit", "A building permit can be renewed online before it expires."]
+    theirs = flag.encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=True, max_length=32)
+    mine = ours.encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=True, max_length=32)
+    torch.testing.assert_close(
+        torch.as_tensor(theirs["dense_vecs"]).float(), torch.as_tensor(mine["dense_vecs"]).float(), atol=1e-5, rtol=0
+    )
+    for a, b in zip(theirs["colbert_vecs"], mine["colbert_vecs"]):
+        torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+def _grads_worker(out: str, mini_batch_size: int) -> None:
+    """One optimizer step of BGETrainer (float64, no dropout) under the launcher; each rank saves the gradients
+    the optimizer sees (after DDP's reduction)."""
+    from transformers import TrainerCallback
+
+    from ark_hf import BGETrainer, BGETrainerConfig
+    from ark_hf.models.bge_m3 import BGEM3Model
+
+    data, model_path = json.loads(Path(out, "inputs.json").read_text())
+    torch.manual_seed(0)
+    model = BGEM3Model(model_path, init_missing_heads=True).double()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    grads: dict[str, torch.Tensor] = {}
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            for name, param in model.named_parameters():
+                if param.grad is not None:
+                    grads[name.removeprefix("module.")] = param.grad.detach().clone()
+
+    args = BGETrainerConfig(
+        output_dir=str(Path(out, f"run{mini_batch_size}")), use_cpu=True, report_to="none", save_strategy="no",
+        max_steps=1, per_device_train_batch_size=3, train_group_size=2, query_max_len=16, passage_max_len=24,
+        unified_finetuning=True, use_self_distill=True, negatives_cross_device=True, learning_rate=1e-3,
+        mini_batch_size=mini_batch_size or None, sentence_pooling_method="mean", seed=0, max_grad_norm=0.0,
+    )  # fmt: skip
+    trainer = BGETrainer(model=model, args=args, train_dataset=data, callbacks=[Capture()])
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    assert trainer.accelerator.num_processes == 2
+    torch.save(grads, Path(out, f"grads{mini_batch_size}_rank{rank}.pt"))
+
+
+@pytest.mark.slow  # fails for now with the DDP launch above (docs/engines.md)
+def test_gradcache_under_ddp_reduces_once(train_file, tiny_xlmr_path, tmp_path):
+    """GradCache + DDP (gloo, 2 processes): the optimizer's gradients equal the uncached run's, on both ranks."""
+    records = [json.loads(line) for line in train_file.read_text().splitlines()][:6]
+    (tmp_path / "inputs.json").write_text(json.dumps([records, tiny_xlmr_path]))
+    config = cpu_config("multi_gpu", tmp_path)
+    for mini in (0, 2):
+        _launch(config, __file__, "grads", str(tmp_path), str(mini))
+    runs = {(mini, rank): torch.load(tmp_path / f"grads{mini}_rank{rank}.pt") for mini in (0, 2) for rank in (0, 1)}
+    reference = runs[(0, 0)]
+    assert len(reference) > 10 and any(g.abs().sum() > 0 for g in reference.values())
+    assert all(g.dtype == torch.float64 for g in reference.values())
+    for key, got in runs.items():
+        assert got.keys() == reference.keys(), key
+        for name in reference:  # the same on both ranks (reduced) and cached == uncached (reduced once)
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-8, atol=1e-10, msg=f"{key} {name}")
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "grads":
+    _grads_worker(sys.argv[2], int(sys.argv[3]))
