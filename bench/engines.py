@@ -188,7 +188,12 @@ def main() -> None:
     write_data(data)
     steps = args.steps or (2 if args.tiny else 50)
     configs = args.configs or ([c for c in CONFIGS if c in ("single_gpu", "deepspeed_zero2")] if cpu else CONFIGS)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
     cells, started = [], time.perf_counter()
     for name in configs:
         for recipe in RECIPES:
