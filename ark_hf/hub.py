@@ -21,6 +21,7 @@ write_model_card(trainer, "out/m3")   # or: ark-hf card out/m3
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -330,10 +331,14 @@ def _train_sources(train_dataset: Any) -> list[dict[str, Any]]:
 
 
 def _non_default_hyperparameters(args: Any) -> list[tuple[str, Any]]:
-    try:
-        defaults = type(args)(output_dir=args.output_dir).to_dict()
-    except (TypeError, ValueError):  # a config whose defaults alone are not a valid run
-        defaults = {}
+    # the fields' declared defaults: building a second config would reset accelerate's process state (rank 0
+    # would leave the process group while the other ranks wait in the final save's barrier)
+    defaults = {}
+    for field in dataclasses.fields(args):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
     changed = []
     for key, value in sorted(args.to_dict().items()):
         if key in _NOT_HYPERPARAMETERS or key.startswith("_") or value == defaults.get(key, object()):

@@ -53,13 +53,8 @@ def cpu_config(name: str, folder: Path) -> Path:
 
 
 def _launch(config: Path, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    if "MULTI_GPU" in config.read_text():
-        # `accelerate launch` with the DDP config starts torchrun, but on a CUDA-less machine its processes come up
-        # as NO-distributed (each saves alone and they collide on the output_dir lock); torchrun itself works
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *args]
-    else:
-        accelerate = Path(sys.executable).with_name("accelerate")  # the console script of this environment
-        command = [str(accelerate), "launch", "--config_file", str(config), script, *args]
+    accelerate = Path(sys.executable).with_name("accelerate")  # the console script of this environment
+    command = [str(accelerate), "launch", "--config_file", str(config), script, *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -145,9 +140,7 @@ def test_fsdp_wrap_policy_finds_the_layer_classes(kind, tiny_xlmr_path, tiny_qwe
 
 
 # ------------------------------------------------------------------------------------------------ DDP
-# slow and failing for now: the 2 launched processes come up with parallel_mode != DISTRIBUTED (see docs/engines.md)
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["bge_m3", "qwen3_embedding"])
+@pytest.mark.parametrize("recipe", ["bge_m3", pytest.param("qwen3_embedding", marks=pytest.mark.slow)])
 def test_recipe_under_ddp_with_gradcache(recipe, train_file, tiny_xlmr_path, tiny_qwen3_path, tmp_path):
     from ark_hf import BGEM3Model
     from ark_hf.models.decoder import DecoderEmbedder
@@ -244,7 +237,7 @@ def _grads_worker(out: str, mini_batch_size: int) -> None:
     torch.save(grads, Path(out, f"grads{mini_batch_size}_rank{rank}.pt"))
 
 
-@pytest.mark.slow  # fails for now with the DDP launch above (docs/engines.md)
+@pytest.mark.slow  # two launches, ~50 s
 def test_gradcache_under_ddp_reduces_once(train_file, tiny_xlmr_path, tmp_path):
     """GradCache + DDP (gloo, 2 processes): the optimizer's gradients equal the uncached run's, on both ranks."""
     records = [json.loads(line) for line in train_file.read_text().splitlines()][:6]
