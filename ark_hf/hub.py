@@ -45,7 +45,7 @@ _NOT_HYPERPARAMETERS = {
     "use_cpu", "deepspeed", "local_rank", "trackio_space_id", "project", "hub_private_repo", "logging_steps",
 }  # fmt: skip
 _OBJECTIVE_KEYS = (
-    "unified_finetuning", "use_self_distill", "self_distill_start_step", "loss_preset", "temperature",
+    "unified_finetuning", "heads", "use_self_distill", "self_distill_start_step", "loss_preset", "temperature",
     "train_group_size", "in_batch_negatives", "negatives_cross_device", "knowledge_distillation", "kd_loss_type",
     "teacher_model", "teacher_temperature", "fix_encoder", "sentence_pooling_method", "false_negative_margin",
     "matryoshka_dims", "use_lora", "lora_r", "query_instruction",
@@ -365,6 +365,7 @@ def write_model_card(
     license: str | None = None,
     tags: Sequence[str] | None = None,
     plot: bool = True,
+    log_pooling_note: bool = True,
 ) -> Path:
     """Write `README.md` (and `training_plot.png`) into a saved model folder; returns the card's path.
 
@@ -380,6 +381,8 @@ def write_model_card(
         datasets: Hub dataset ids for the metadata.
         language, license, tags: metadata; `tags` are added to ark_hf's.
         plot: draw `training_plot.png` when matplotlib is installed.
+        log_pooling_note: log (warning) how to load a non-CLS BGE-M3 folder in FlagEmbedding; off when rewriting
+            a card whose save already said so.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -506,6 +509,6 @@ def write_model_card(
     path = output_dir / "README.md"
     output_dir.mkdir(parents=True, exist_ok=True)
     card.save(path)
-    if pooling_note:
+    if pooling_note and log_pooling_note:
         logger.warning("%s: %s", output_dir, pooling_note)
     return path

@@ -164,7 +164,7 @@ def test_m3_loss_matches_flagembedding(case):
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
     expected_keys = {"loss_dense"}
     if ours_kwargs.get("unified_finetuning", True):
-        expected_keys |= {"loss_lex", "loss_mul", "loss_inter"}
+        expected_keys |= {"loss_lex", "loss_mul", "loss_inter", "sparse/nonzero_tokens", "sparse/mean_weight"}
         if ours_kwargs.get("use_self_distill"):
             expected_keys.add("loss_self_distill")
     assert set(components) == expected_keys

@@ -149,6 +149,8 @@ class IREvaluator:
         rerank_top_k: score ColBERT (and `all`) only on each query's top candidates by dense+sparse, as BGE-M3's
             evaluation does (the paper re-ranks the top 200); `None` scores every document (exact, for dev sets).
         name: prefix for the metric keys (`{name}_{mode}_{metric}`), to evaluate several sets.
+        show_progress_bar: tqdm bars while encoding queries and documents; `None`: shown on a terminal only
+            (the recipes follow the Trainer's `disable_tqdm`).
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class IREvaluator:
         top_k: int = 100,
         rerank_top_k: int | None = None,
         name: str = "",
+        show_progress_bar: bool | None = None,
     ) -> None:
         unknown = [m for m in modes if m not in MODES]
         if unknown:
@@ -190,12 +193,20 @@ class IREvaluator:
             raise ValueError(f"rerank_top_k must be >= 1, got {rerank_top_k}")
         self.rerank_top_k = rerank_top_k
         self.name = name
+        self.show_progress_bar = show_progress_bar
 
     @torch.no_grad()
-    def _encode(self, model: Any, texts: list[str], max_length: int, need_heads: bool) -> dict[str, Any]:
+    def _encode(
+        self, model: Any, texts: list[str], max_length: int, need_heads: bool, desc: str = "Encoding"
+    ) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
         device = next(model.parameters()).device
         dense, lexical, colbert = [], [], []
-        for start in range(0, len(texts), self.batch_size):
+        # show_progress_bar None: tqdm decides (shown on a terminal); the recipes set it from `disable_tqdm`
+        disable = None if self.show_progress_bar is None else not self.show_progress_bar
+        starts = tqdm(range(0, len(texts), self.batch_size), desc=desc, unit="batch", leave=False, disable=disable)
+        for start in starts:
             features = model.tokenize(texts[start : start + self.batch_size], max_length)
             features = {k: v.to(device) for k, v in features.items()}
             out = model.encode_features(features)
@@ -251,8 +262,8 @@ class IREvaluator:
     def score_matrices(self, model: Any) -> dict[str, torch.Tensor]:
         """`[num_queries, num_docs]` scores for each mode."""
         need_heads = any(m != "dense" for m in self.modes)
-        q = self._encode(model, self.queries, self.query_max_len, need_heads)
-        d = self._encode(model, self.corpus, self.passage_max_len, need_heads)
+        q = self._encode(model, self.queries, self.query_max_len, need_heads, desc="Encoding queries")
+        d = self._encode(model, self.corpus, self.passage_max_len, need_heads, desc="Encoding documents")
         scores = {"dense": q["dense"] @ d["dense"].T}
         if need_heads:
             q_lex, d_lex = self._lexical_matrix(q["lexical"]), self._lexical_matrix(d["lexical"])

@@ -27,6 +27,20 @@ from ark_hf.losses.infonce import group_columns, other_positive_mask
 from ark_hf.models.outputs import EmbeddingOutput
 from ark_hf.utils.distributed import all_gather_no_grad, all_gather_padded, all_gather_with_grad, rank
 
+M3_HEADS = ("dense", "sparse", "colbert")
+
+
+def sparse_health(*weights: Tensor) -> dict[str, Tensor]:
+    """Health of the lexical head on a batch: `sparse/nonzero_tokens` and `sparse/mean_weight` (detached).
+
+    For each text (each row of each `[B, L]` weight matrix; queries and passages alike) n = the number of token
+    positions with weight > 0 and m = the mean of those weights (0 when n = 0); the components are the means of n
+    and m over the texts. A collapsing lexical head shows as n falling towards 0.
+    """
+    counts = torch.cat([(w.detach() > 0).sum(dim=1) for w in weights]).float()
+    sums = torch.cat([w.detach().float().sum(dim=1) for w in weights])
+    return {"sparse/nonzero_tokens": counts.mean(), "sparse/mean_weight": (sums / counts.clamp(min=1)).mean()}
+
 
 def dense_scores(q: Tensor, p: Tensor) -> Tensor:
     """Dot products `[Bq, Bp]` of sentence vectors (cosine when they are normalised)."""
@@ -154,6 +168,15 @@ class M3Loss(RetrievalLoss):
             2**27 elements.
         kd_loss_type: `"kl_div"` or `"m3_kd_loss"`; required to pass `teacher_scores`.
         teacher_temperature: teacher scores are divided by it before the softmax.
+        train_heads: the heads trained, among `("dense", "sparse", "colbert")` (default: all three with
+            `unified_finetuning`, else dense). Only these are scored; L is the weighted sum of their losses plus,
+            with two heads or more, the loss of their ensemble, divided by the number of terms; L' distils the
+            chosen heads' ensemble into each of them (divided by their number). All three: the formulas above.
+            `loss_dense` is logged even when the dense head is not trained (it costs one matmul).
+
+    Components: `loss_dense`, `loss_lex`, `loss_mul`, `loss_inter`, `loss_self_distill` as trained, and with the
+    sparse head `sparse/nonzero_tokens` and `sparse/mean_weight` (`sparse_health`), where a collapsing lexical
+    head shows up.
 
     Inputs (`forward(query, passages, batch, step)`):
         query / passages: `EmbeddingOutput` of B queries and B * G passages: `dense` always, plus
@@ -193,11 +216,23 @@ class M3Loss(RetrievalLoss):
         colbert_chunk_size: int | None = None,
         kd_loss_type: str | None = None,
         teacher_temperature: float = 1.0,
+        train_heads: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        self.heads = (
-            ("dense", "sparse_weights", "input_ids", "colbert", "colbert_mask") if unified_finetuning else ("dense",)
+        # heads trained, ensembled and self-distilled (`train_heads`); the gradient cache keeps their fields only
+        self.train_heads = (
+            tuple(train_heads) if train_heads is not None else M3_HEADS if unified_finetuning else ("dense",)
         )
+        if not self.train_heads or set(self.train_heads) - set(M3_HEADS):
+            raise ValueError(f"train_heads must name some of {M3_HEADS}, got {train_heads!r}")
+        if not unified_finetuning and self.train_heads != ("dense",):
+            raise ValueError(f"train_heads={self.train_heads} needs unified_finetuning=True")
+        head_fields = {
+            "dense": ("dense",),
+            "sparse": ("sparse_weights", "input_ids"),
+            "colbert": ("colbert", "colbert_mask"),
+        }
+        self.heads = ("dense",) + tuple(f for h in M3_HEADS[1:] if h in self.train_heads for f in head_fields[h])
         if kd_loss_type not in (None, "kl_div", "m3_kd_loss"):
             raise ValueError(f"kd_loss_type must be None, 'kl_div' or 'm3_kd_loss', got {kd_loss_type!r}")
         used = M3_HEADS if unified_finetuning else ("dense",)
@@ -303,46 +338,62 @@ class M3Loss(RetrievalLoss):
         if not self.unified_finetuning:
             return LossOutput(loss_dense, components)
 
-        if gathered["sparse"]:
-            p_ids = all_gather_padded(passages.input_ids, dim=1, pad_value=-1, with_grad=False)
-            p_weights = all_gather_padded(passages.sparse_weights, dim=1, pad_value=0.0)
-        else:
-            p_ids, p_weights = passages.input_ids, passages.sparse_weights
-        scores["sparse"] = finish(
-            sparse_scores(query.input_ids, query.sparse_weights, p_ids, p_weights), gathered["sparse"]
-        )
-        if gathered["colbert"]:
-            p_vecs = all_gather_padded(passages.colbert, dim=1, pad_value=0.0)
-            p_mask = all_gather_padded(passages.colbert_mask, dim=1, pad_value=0, with_grad=False)
-        else:
-            p_vecs, p_mask = passages.colbert, passages.colbert_mask
-        scores["colbert"] = finish(self._colbert(query, p_vecs, p_mask), gathered["colbert"])
+        # Only the chosen heads (`train_heads`) are scored, ensembled and self-distilled; all three: the formula above.
+        if "sparse" in self.train_heads:
+            if gathered["sparse"]:
+                p_ids = all_gather_padded(passages.input_ids, dim=1, pad_value=-1, with_grad=False)
+                p_weights = all_gather_padded(passages.sparse_weights, dim=1, pad_value=0.0)
+            else:
+                p_ids, p_weights = passages.input_ids, passages.sparse_weights
+            scores["sparse"] = finish(
+                sparse_scores(query.input_ids, query.sparse_weights, p_ids, p_weights), gathered["sparse"]
+            )
+            components.update(sparse_health(query.sparse_weights, passages.sparse_weights))
+        if "colbert" in self.train_heads:
+            if gathered["colbert"]:
+                p_vecs = all_gather_padded(passages.colbert, dim=1, pad_value=0.0)
+                p_mask = all_gather_padded(passages.colbert_mask, dim=1, pad_value=0, with_grad=False)
+            else:
+                p_vecs, p_mask = passages.colbert, passages.colbert_mask
+            scores["colbert"] = finish(self._colbert(query, p_vecs, p_mask), gathered["colbert"])
 
-        loss_lex = self._head_loss(scores["sparse"], columns_of(gathered["sparse"]), teacher_probs)
-        loss_mul = self._head_loss(scores["colbert"], columns_of(gathered["colbert"]), teacher_probs)
-
-        # The ensemble runs over the global columns when every head has them, else over the local block of each.
-        ensemble_global = all(gathered.values())
-        if not ensemble_global:
-            local = slice(offset * group_size, (offset + batch_size) * group_size)
-            scores = {head: value[:, local] if gathered[head] else value for head, value in scores.items()}
-        s_dense, s_lex, s_mul = scores["dense"], scores["sparse"], scores["colbert"]
         w_dense, w_lex, w_mul = self.ensemble_weights
-        s_inter = w_dense * s_dense + w_lex * s_lex + w_mul * s_mul
-        loss_inter = self._head_loss(s_inter, columns_of(ensemble_global), teacher_probs)
-
         a_dense, a_inter, a_lex, a_mul = self.loss_weights
-        loss = (a_dense * loss_dense + a_inter * loss_inter + a_lex * loss_lex + a_mul * loss_mul) / 4
-        components.update(loss_lex=loss_lex.detach(), loss_mul=loss_mul.detach(), loss_inter=loss_inter.detach())
+        b_dense, b_lex, b_mul = self.self_distill_weights
+        losses: dict[str, tuple[Tensor, float]] = {}  # component -> (loss, weight in L), in L's order
+        if "dense" in self.train_heads:
+            losses["loss_dense"] = (loss_dense, a_dense)
+        head_weights = {"dense": (w_dense, b_dense), "sparse": (w_lex, b_lex), "colbert": (w_mul, b_mul)}
+        chosen_heads = [head for head in ("dense", "sparse", "colbert") if head in self.train_heads]
+        # The ensemble runs over the global columns when every chosen head has them, else over the local block.
+        ensemble_global = all(gathered[head] for head in chosen_heads)
+        local = slice(offset * group_size, (offset + batch_size) * group_size)
+        ensemble_scores = {
+            head: scores[head][:, local] if gathered[head] and not ensemble_global else scores[head]
+            for head in chosen_heads
+        }
+        s_inter = None
+        if len(chosen_heads) > 1:
+            s_inter = sum(head_weights[head][0] * ensemble_scores[head] for head in chosen_heads)
+            losses["loss_inter"] = (self._head_loss(s_inter, columns_of(ensemble_global), teacher_probs), a_inter)
+        if "sparse" in scores:
+            losses["loss_lex"] = (
+                self._head_loss(scores["sparse"], columns_of(gathered["sparse"]), teacher_probs),
+                a_lex,
+            )
+        if "colbert" in scores:
+            losses["loss_mul"] = (
+                self._head_loss(scores["colbert"], columns_of(gathered["colbert"]), teacher_probs),
+                a_mul,
+            )
+        loss = sum(a * value for value, a in losses.values()) / len(losses)
+        components.update({name: value.detach() for name, (value, _) in losses.items()})
 
-        if self.use_self_distill and step > self.self_distill_start_step:
+        if self.use_self_distill and s_inter is not None and step > self.self_distill_start_step:
             self_teacher = torch.softmax(s_inter.detach(), dim=-1)
-            b_dense, b_lex, b_mul = self.self_distill_weights
-            loss_self_distill = (
-                b_dense * kl_div_loss(self_teacher, s_dense)
-                + b_lex * kl_div_loss(self_teacher, s_lex)
-                + b_mul * kl_div_loss(self_teacher, s_mul)
-            ) / 3
+            loss_self_distill = sum(
+                head_weights[head][1] * kl_div_loss(self_teacher, ensemble_scores[head]) for head in chosen_heads
+            ) / len(chosen_heads)
             loss = (loss + loss_self_distill) / 2
             components["loss_self_distill"] = loss_self_distill.detach()
         return LossOutput(loss, components)

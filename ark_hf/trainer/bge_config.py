@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from ark_hf.trainer.base_config import RetrieverConfig
 
-__all__ = ["BGETrainerConfig"]
+__all__ = ["BGETrainerConfig", "M3_HEADS"]
+
+M3_HEADS = ("dense", "sparse", "colbert")
 
 LOSS_PRESETS = {
     # FlagEmbedding's code (the released BGE-M3 recipe)
@@ -41,6 +43,8 @@ class BGETrainerConfig(RetrieverConfig):
         > Objective
 
         unified_finetuning (`bool`, defaults to `True`): Train dense, sparse and ColBERT heads together.
+        heads (`list[str]` or `None`, defaults to `None`): The heads trained (and ensembled) with unified
+            fine-tuning, e.g. `["dense", "sparse"]`; `None`: all three (dense alone without unified fine-tuning).
         use_self_distill (`bool`, defaults to `False`): Self-knowledge distillation from the heads' ensemble.
         self_distill_start_step (`int`, defaults to `-1`): Self-distillation runs after this optimizer step.
         temperature (`float`, defaults to `0.02`): Scores of every head are divided by it.
@@ -79,6 +83,13 @@ class BGETrainerConfig(RetrieverConfig):
     normalize_embeddings: bool = field(default=True, metadata={"help": "L2-normalise dense and ColBERT vectors."})
     unified_finetuning: bool = field(
         default=True, metadata={"help": "Train the dense, sparse and ColBERT heads together (off: dense only)."}
+    )
+    heads: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Heads to train with unified_finetuning, among dense, sparse, colbert (e.g. `--heads dense "
+            "sparse`); the ensemble and self-distillation use these heads only; unset: all three.",
+        },
     )
     use_self_distill: bool = field(
         default=False, metadata={"help": "Self-knowledge distillation: each head learns the heads' ensemble ranking."}
@@ -163,8 +174,37 @@ class BGETrainerConfig(RetrieverConfig):
                 raise ValueError("cross_device_heads is set but negatives_cross_device=False; set it to True")
         if self.colbert_chunk_size is not None and self.colbert_chunk_size < 1:
             raise ValueError(f"colbert_chunk_size must be >= 1, got {self.colbert_chunk_size}")
+        self._check_heads()
         if self.knowledge_distillation and self.train_group_size < 2:
             raise ValueError("knowledge_distillation needs train_group_size >= 2 (a teacher ranks a group)")
+
+    def _check_heads(self) -> None:
+        if self.heads is None:
+            return
+        heads = [self.heads] if isinstance(self.heads, str) else list(self.heads)
+        unknown = [h for h in heads if h not in M3_HEADS]
+        if unknown or not heads or len(set(heads)) != len(heads):
+            raise ValueError(
+                f"key 'heads': {self.heads!r} must be distinct names among {list(M3_HEADS)} (at least one)"
+            )
+        if not self.unified_finetuning and heads != ["dense"]:
+            raise ValueError(
+                f"key 'heads': {heads} needs unified_finetuning=True (without it only the dense head trains)"
+            )
+        if self.use_self_distill and len(heads) < 2:
+            raise ValueError(f"key 'heads': use_self_distill needs at least two heads to ensemble, got {heads}")
+        if self.fix_encoder and not set(heads) - {"dense"}:
+            raise ValueError(
+                "key 'heads': fix_encoder trains only the sparse/ColBERT heads, so heads must name sparse or colbert"
+            )
+        self.heads = [h for h in M3_HEADS if h in heads]  # canonical order
+
+    @property
+    def trained_heads(self) -> tuple[str, ...]:
+        """The heads the objective trains: `heads`, or all three with unified fine-tuning, else dense."""
+        if self.heads is not None:
+            return tuple(self.heads)
+        return M3_HEADS if self.unified_finetuning else ("dense",)
 
     @property
     def loss_weights_preset(self) -> dict[str, tuple[float, ...]]:

@@ -20,6 +20,8 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["BGETrainer", "build_bge_model"]
 
+_DEFAULT_POOLING = BGETrainerConfig.__dataclass_fields__["sentence_pooling_method"].default
+
 
 def build_bge_model(config: BGETrainerConfig) -> BGEM3Model:
     """The `BGEM3Model` that `config` describes."""
@@ -29,7 +31,8 @@ def build_bge_model(config: BGETrainerConfig) -> BGEM3Model:
         model_name=config.model_name_or_path,
         unified_finetuning=config.unified_finetuning,
         colbert_dim=config.colbert_dim,
-        pooling=config.sentence_pooling_method,
+        # the default leaves the pooling to the folder (`m3_heads.json`), so a saved mean-pooled model stays mean
+        pooling=None if config.sentence_pooling_method == _DEFAULT_POOLING else config.sentence_pooling_method,
         normalize=config.normalize_embeddings,
         init_missing_heads=config.init_missing_heads,
         trust_remote_code=config.trust_remote_code,
@@ -99,9 +102,24 @@ class BGETrainer(BaseRetrieverTrainer):
             colbert_chunk_size=args.colbert_chunk_size,
             kd_loss_type=args.kd_loss_type if args.knowledge_distillation else None,
             teacher_temperature=args.teacher_temperature,
+            train_heads=args.trained_heads,
         )
 
     def prepare_model(self, model: nn.Module, args: BGETrainerConfig) -> nn.Module:
+        pooling = getattr(model, "pooling", None)
+        if pooling is not None and pooling != args.sentence_pooling_method:
+            # pooling is one setting: the model's. A config that names another one explicitly is a conflict.
+            if args.sentence_pooling_method != _DEFAULT_POOLING:
+                raise ValueError(
+                    f"pooling conflict: the model pools with {pooling!r} (BGEM3Model(pooling={pooling!r})) but the "
+                    f"config says sentence_pooling_method={args.sentence_pooling_method!r}; make them agree"
+                )
+            logger.info(
+                "the model pools with %r; sentence_pooling_method (left at its default %r) set to match",
+                pooling,
+                args.sentence_pooling_method,
+            )
+            args.sentence_pooling_method = pooling
         if args.fix_encoder:
             model.freeze_encoder()
         if args.unified_finetuning and not model.has_heads:
@@ -115,6 +133,10 @@ class BGETrainer(BaseRetrieverTrainer):
                 args.unified_finetuning,
             )
             model.unified_finetuning = args.unified_finetuning
+        heads = {"sparse": getattr(model, "sparse_linear", None), "colbert": getattr(model, "colbert_linear", None)}
+        for head, module in heads.items():
+            if module is not None and args.unified_finetuning and head not in args.trained_heads:
+                module.requires_grad_(False)  # not in `heads`: kept as loaded (and no unused parameters under DDP)
         return model
 
     @staticmethod

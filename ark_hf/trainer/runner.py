@@ -1,4 +1,4 @@
-"""The one recipe runner: parse -> check -> evaluate -> train -> save -> evaluate -> metrics -> push.
+"""The one recipe runner: parse -> check -> evaluate -> train -> save -> evaluate -> metrics and card -> push.
 
 Both recipes (`recipes/bge_m3.py`, `recipes/qwen3_embedding.py`) and the command-line tool call `run_recipe` with
 their trainer class, so every launch path checks the same things in the same order: configuration, data and
@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+from ark_hf.hub import check_hub_push, write_model_card
 from ark_hf.trainer.base import BaseRetrieverTrainer
 from ark_hf.utils.cli import parse_config
 from ark_hf.utils.preflight import preflight
@@ -59,8 +60,12 @@ def run_recipe(
         )
     # everything that can fail is checked before the model loads or anything is written: config values, output
     # dir (and its lock), data, eval data, metric_for_best_model, the model's tokenizer and weight files
+    check_hub_push(config)  # offline or no token: one line now, not after training
     records = preflight(config, trainer_class)
     trainer = trainer_class(args=config, train_dataset=records)
+    for evaluator in trainer.evaluators:  # evaluation encode bars follow the Trainer's (disable_tqdm, main process)
+        if getattr(evaluator, "show_progress_bar", False) is None:
+            evaluator.show_progress_bar = not config.disable_tqdm and trainer.is_local_process_zero()
     metrics: dict[str, Any] = {}
     if trainer.evaluators:
         metrics["before"] = trainer.evaluate()
@@ -71,6 +76,10 @@ def run_recipe(
     if after_training is not None:
         after_training(trainer, metrics)
     trainer.save_retrieval_metrics(metrics)
+    if metrics.get("after") and trainer.is_world_process_zero():
+        write_model_card(
+            trainer, config.output_dir, log_pooling_note=False
+        )  # the card saved with the model lacks the final evaluation
     table = format_metrics_table(metrics)
     if table and trainer.is_world_process_zero():
         print(f"\nRetrieval metrics ({os.path.join(config.output_dir, 'retrieval_metrics.json')}):\n{table}")

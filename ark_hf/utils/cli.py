@@ -7,13 +7,18 @@ are type-checked against the config's fields before anything runs. Floats may be
 work; a second `--config` is refused rather than silently ignored. `resume_from_checkpoint: true` means the
 latest `checkpoint-N` in `output_dir` (as `Trainer.train(resume_from_checkpoint=True)` documents) and
 `false` means a fresh run.
+
+`--help` lists ark_hf's own options first, grouped by the config class that declares them, and
+`TrainingArguments`' after. `--verbose` shows the third-party output that `configure_console` quiets by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
+import os
 import re
 import sys
 import types
@@ -24,7 +29,14 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-__all__ = ["ConfigError", "StrictYamlLoader", "parse_config", "load_yaml_config", "resolve_resume_from_checkpoint"]
+__all__ = [
+    "ConfigError",
+    "StrictYamlLoader",
+    "configure_console",
+    "parse_config",
+    "load_yaml_config",
+    "resolve_resume_from_checkpoint",
+]
 
 T = TypeVar("T")
 
@@ -32,6 +44,13 @@ CONFIG_HELP = (
     "YAML file of option values; flags override it. Give it once, as `--config PATH` or `--config=PATH`. "
     "Floats may be written 1e-5 or 2.0e-5; a key given twice is an error."
 )
+VERBOSE_HELP = (
+    "Show the third-party output quiet by default: transformers' 'Loading weights' and 'Writing model shards' bars, "
+    "load reports that only list checkpoint weights the model does not use, DeepSpeed's accelerator detection "
+    "warning when DeepSpeed is not used."
+)
+# transformers' `logging.tqdm` bars hidden at the default verbosity (the Trainer's own bars stay)
+QUIET_BARS = ("Loading weights", "Writing model shards")
 _TRUE = ("true", "yes", "on")
 _FALSE = ("false", "no", "off", "none", "null", "")
 
@@ -249,11 +268,100 @@ def resolve_resume_from_checkpoint(value: Any, output_dir: str | None) -> str | 
     return last
 
 
+class _QuietFilter(logging.Filter):
+    """Drops third-party records that carry no information for this run (see `configure_console`)."""
+
+    def __init__(self, *, deepspeed_used: bool) -> None:
+        super().__init__()
+        self.deepspeed_used = deepspeed_used
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.name == "DeepSpeed":
+            return self.deepspeed_used or not message.startswith("Setting accelerator to CPU")
+        if "LOAD REPORT" in message:  # only UNEXPECTED keys (e.g. a pooler the model drops): nothing to act on
+            return any(status in message for status in ("MISSING", "MISMATCH", "CONVERSION"))
+        return True
+
+
+_QUIET_LOGGERS = ("DeepSpeed", "transformers.modeling_utils")
+_quiet_filter: _QuietFilter | None = None
+
+
+def _quiet_bar(factory: Any, args: tuple, kwargs: dict) -> Any:
+    from transformers.utils.logging import EmptyTqdm
+
+    return EmptyTqdm(*args, **kwargs) if kwargs.get("desc") in QUIET_BARS else factory(*args, **kwargs)
+
+
+def configure_console(verbose: bool = False, *, deepspeed_used: bool = False) -> None:
+    """Quiet third-party noise (`verbose=False`, the default) or show everything (`verbose=True`).
+
+    Quiet means: transformers' `Loading weights` and `Writing model shards` bars are not drawn (through
+    `transformers.utils.logging.set_tqdm_hook`; download bars and the Trainer's bars stay), a load report that
+    lists only UNEXPECTED checkpoint keys is dropped (reports with MISSING, MISMATCH or CONVERSION keys stay), and
+    DeepSpeed's "Setting accelerator to CPU" warning is dropped unless `deepspeed_used`. The recipes call it
+    through `parse_config` (`--verbose`).
+    """
+    global _quiet_filter
+    from transformers.utils import logging as hf_logging
+
+    for name in _QUIET_LOGGERS:
+        if _quiet_filter is not None:
+            logging.getLogger(name).removeFilter(_quiet_filter)
+    if verbose:
+        if _quiet_filter is not None:
+            hf_logging.set_tqdm_hook(None)
+        _quiet_filter = None
+        return
+    _quiet_filter = _QuietFilter(deepspeed_used=deepspeed_used)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).addFilter(_quiet_filter)
+    hf_logging.set_tqdm_hook(_quiet_bar)
+
+
+def _own_options_first(parser: HfArgumentParser, config_cls: type) -> None:
+    """Group `--help`: general options, then ark_hf's own options (fields `TrainingArguments` lacks) in one group
+    per declaring class, then `TrainingArguments`' options; a short usage line instead of every flag."""
+    from transformers import TrainingArguments
+
+    if not (isinstance(config_cls, type) and issubclass(config_cls, TrainingArguments)):
+        return
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    general = {"help", "config", "verbose"}
+    optionals = parser._optionals
+    moved: set[int] = set()
+
+    def group_of(title: str, names: list[str]) -> None:
+        group = parser.add_argument_group(title)
+        for action in list(optionals._group_actions):
+            if action.dest in names:
+                optionals._group_actions.remove(action)
+                group._group_actions.append(action)
+                moved.add(id(action))
+
+    for cls in reversed(config_cls.__mro__):
+        if dataclasses.is_dataclass(cls) and issubclass(cls, TrainingArguments) and cls is not TrainingArguments:
+            own = [n for n in vars(cls).get("__annotations__", {}) if n not in inherited]
+            if own:
+                group_of(f"{cls.__name__} (ark_hf options)", own)
+    rest = [a.dest for a in optionals._group_actions if a.dest not in general and id(a) not in moved]
+    group_of(f"TrainingArguments (transformers; defaults as {config_cls.__name__} sets them)", rest)
+    parser.usage = f"%(prog)s [--config FILE.yaml] [--verbose] [--OPTION VALUE ...]  (options: {config_cls.__name__})"
+
+
 def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
-    """Parse `--config file.yaml` plus command-line overrides into one `config_cls` instance."""
+    """Parse `--config file.yaml` plus command-line overrides into one `config_cls` instance.
+
+    `--verbose` is taken here too: without it third-party noise is quiet (`configure_console`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(config_cls)
     parser.add_argument("--config", type=str, default=None, help=CONFIG_HELP)
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    _own_options_first(parser, config_cls)
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]
     config_path = _take_config_path(argv)
     defaults = load_yaml_config(config_path, config_cls) if config_path else {}
     # required fields (output_dir) may come from the file: drop "required" once the file provides them
@@ -277,4 +385,6 @@ def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
         config.resume_from_checkpoint = resolve_resume_from_checkpoint(
             config.resume_from_checkpoint, getattr(config, "output_dir", None)
         )
+    deepspeed_used = bool(getattr(config, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    configure_console(verbose, deepspeed_used=deepspeed_used)
     return config
