@@ -11,6 +11,7 @@ from ark_hf.data.collator import RetrievalCollator
 from ark_hf.losses.base import RetrievalBatch
 from ark_hf.losses.m3 import M3Loss
 from ark_hf.models.bge_m3 import BGEM3Model
+from ark_hf.models.kernels import apply_kernel_switches
 from ark_hf.models.outputs import RetrieverOutput
 from ark_hf.models.teacher import TeacherScorer
 from ark_hf.trainer.base import BaseRetrieverTrainer
@@ -112,6 +113,7 @@ class BGETrainer(BaseRetrieverTrainer):
                 args.unified_finetuning,
             )
             model.unified_finetuning = args.unified_finetuning
+        apply_kernel_switches(model, args)
         return model
 
     @staticmethod
