@@ -36,6 +36,7 @@ from ark_hf.data.samplers import (
     SameSourceBatchSampler,
 )
 from ark_hf.data.schema import DataValidationError
+from ark_hf.data.token_budget import TokenBudgetBatchSampler, group_token_bounds
 from ark_hf.evaluation.base import Evaluator
 from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
 from ark_hf.losses.cached import GradCache
@@ -273,6 +274,15 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         )
 
     def build_batch_sampler(self, dataset: TrainGroupDataset) -> RetrievalBatchSampler:
+        """The batch sampler the config asks for.
+
+        `max_tokens_per_batch` batches by token budget (`TokenBudgetBatchSampler`): as many groups as fit, each
+        counted as the upper bound of its query + `train_group_size` passages in tokens as the collator makes
+        them; with `train_sampling_strategy="group_by_length"` the budget's batches hold groups of similar size.
+        `group_by_length` alone sorts mega-batches by the same whole-group token bound (query, positive and the
+        negatives the group can draw), not by query + positive only. A budget smaller than a record's group is
+        refused here, before the first step, naming the record's source.
+        """
         args = self.args
         seed = args.data_seed if args.data_seed is not None else args.seed
         common = {"seed": seed, "drop_last": args.dataloader_drop_last}
@@ -282,10 +292,50 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         if args.no_duplicates_in_batch:
             texts = [[r["query"], *r["pos"]] for r in dataset.records]
             return NoDuplicatesBatchSampler(texts, batch_size, **common)
-        if args.train_sampling_strategy == "group_by_length":
-            lengths = [len(r["query"]) + max(len(p) for p in r["pos"]) for r in dataset.records]
-            return LengthGroupedBatchSampler(lengths, batch_size, **common)
-        return RetrievalBatchSampler(len(dataset), batch_size, **common)
+        by_length = args.train_sampling_strategy == "group_by_length"
+        if not (by_length or args.max_tokens_per_batch):
+            return RetrievalBatchSampler(len(dataset), batch_size, **common)
+
+        collator = self.data_collator
+
+        def count_tokens(texts: list[str], max_length: int) -> list[int]:
+            counts: list[int] = []
+            for start in range(0, len(texts), 512):
+                chunk = texts[start : start + 512]
+                if isinstance(collator, RetrievalCollator):
+                    encoded = collator._tokenize(chunk, max_length)  # exactly the batches' tokenization
+                    mask = encoded["attention_mask"]
+                    counts.extend(int(n) for n in torch.as_tensor(mask).sum(-1).tolist())
+                else:
+                    ids = self.processing_class(chunk, truncation=True, max_length=max_length)["input_ids"]
+                    counts.extend(len(row) for row in ids)
+            return counts
+
+        bounds = group_token_bounds(
+            dataset, count_tokens, query_max_len=args.query_max_len, passage_max_len=args.passage_max_len
+        )
+        if not args.max_tokens_per_batch:
+            return LengthGroupedBatchSampler(bounds, batch_size, **common)
+        largest = max(range(len(bounds)), key=bounds.__getitem__)
+        if args.max_tokens_per_batch < bounds[largest]:
+            record = dataset.records[largest]
+            where = (
+                f"{record['source']}, line {record['line']}"
+                if "source" in record and "line" in record
+                else (f"record {largest}")
+            )
+            raise ValueError(
+                f"max_tokens_per_batch={args.max_tokens_per_batch} is smaller than the training group of {where}: "
+                f"{bounds[largest]} tokens (query + {dataset.train_group_size} passages, truncated to "
+                f"query_max_len={args.query_max_len} / passage_max_len={args.passage_max_len}); raise "
+                "max_tokens_per_batch or lower train_group_size / passage_max_len"
+            )
+        return TokenBudgetBatchSampler(
+            bounds,
+            args.max_tokens_per_batch,
+            mega_batch_size=50 * batch_size if by_length else 0,
+            **common,
+        )
 
     def get_train_dataloader(self) -> DataLoader:
         if self.curriculum_stream is not None:

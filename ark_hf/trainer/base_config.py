@@ -34,7 +34,14 @@ class RetrieverConfig(TrainingArguments):
 
         same_dataset_within_batch (`bool`): Every batch from one source file.
         no_duplicates_in_batch (`bool`): No text twice in one batch.
-        group_by_length (`bool`): Batches of similar length.
+        group_by_length (`bool`): Batches of similar length (whole-group token counts).
+        max_tokens_per_batch (`int` or `None`): Token budget per step instead of a fixed number of groups.
+
+        > Speed
+
+        padding_free (`bool`): Packed forward on real tokens only.
+        liger_kernel (`bool`): liger-kernel's fused kernels in the backbone (falls back with a warning).
+        compile_backbone (`bool`): `torch.compile` of the backbone (falls back with a warning).
 
         > Evaluation
 
@@ -121,6 +128,32 @@ class RetrieverConfig(TrainingArguments):
             "on CUDA; exact per-text attention elsewhere). Same outputs as padded batches."
         },
     )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget per step and device: as many training groups as fit, each counted as its query + "
+            "train_group_size passages in tokens (an upper bound over the negatives it can draw). Suits padding_free, "
+            "where a step costs its real tokens; with train_sampling_strategy=group_by_length the groups of a step "
+            "have similar size. per_device_train_batch_size is then only the length-grouping unit. A budget smaller "
+            "than one record's group is refused before the first step. Unset: a fixed number of groups per step."
+        },
+    )
+    liger_kernel: bool = field(
+        default=False,
+        metadata={
+            "help": "Fused Triton kernels of liger-kernel in the backbone (Qwen3, Llama, Mistral, ...: RMSNorm, SwiGLU, "
+            "RoPE). Needs liger-kernel and CUDA; where either is missing, or the architecture has no liger kernels, "
+            "a warning names this switch and the plain modules run."
+        },
+    )
+    compile_backbone: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the backbone only (dynamic shapes; heads and loss stay eager; parameter names and "
+            "checkpoints unchanged). Needs the inductor backend's compiler (Triton on CUDA, a C++ compiler on CPU); "
+            "where it is missing a warning names this switch and the backbone runs eagerly."
+        },
+    )
     eval_data: str | None = field(
         default=None,
         metadata={
@@ -198,6 +231,23 @@ class RetrieverConfig(TrainingArguments):
                     f"(per_device_train_batch_size {self.per_device_train_batch_size} x train_group_size "
                     f"{self.train_group_size}): the cache would change nothing; lower it or leave it unset"
                 )
+        if self.max_tokens_per_batch is not None:
+            if self.max_tokens_per_batch < 1:
+                raise ValueError(
+                    f"max_tokens_per_batch must be >= 1 (or unset for a fixed batch size), got {self.max_tokens_per_batch}"
+                )
+            if self.same_dataset_within_batch or self.no_duplicates_in_batch:
+                chosen = "same_dataset_within_batch" if self.same_dataset_within_batch else "no_duplicates_in_batch"
+                raise ValueError(f"max_tokens_per_batch does not combine with {chosen} yet: choose one")
+            if self.mini_batch_size is not None:
+                raise ValueError(
+                    "max_tokens_per_batch and mini_batch_size (GradCache) both bound a step's memory; choose one"
+                )
+        if self.use_liger_kernel:
+            raise ValueError(
+                "use_liger_kernel patches a bare PreTrainedModel; ark_hf models wrap their backbone: set "
+                "liger_kernel=True instead (applied to the backbone, with a fallback where the kernels are missing)"
+            )
         if len(self.eval_mode_weights) != 3:
             raise ValueError(
                 f"eval_mode_weights needs 3 values (dense, sparse, colbert), got {self.eval_mode_weights}"

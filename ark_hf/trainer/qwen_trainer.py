@@ -20,6 +20,7 @@ from ark_hf.losses.base import RetrievalLoss
 from ark_hf.losses.matryoshka import MatryoshkaLoss
 from ark_hf.losses.qwen3 import Qwen3InfoNCELoss
 from ark_hf.models.decoder import DecoderEmbedder
+from ark_hf.models.kernels import apply_kernel_switches
 from ark_hf.trainer.base import BaseRetrieverTrainer
 from ark_hf.trainer.qwen_config import QwenTrainerConfig
 
@@ -109,6 +110,7 @@ class QwenTrainer(BaseRetrieverTrainer):
                 "'query' prompt uses Qwen's format, so encode queries yourself the way training formatted them",
                 args.query_instruction_format,
             )
+        apply_kernel_switches(model, args)
         return model
 
     def build_collator(
