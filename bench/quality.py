@@ -113,7 +113,7 @@ def st_run(data: dict, seed: int, lr: float, warmup_ratio: float, out: str) -> t
         num_train_epochs=1,
         per_device_train_batch_size=32,
         learning_rate=lr,
-        warmup_ratio=warmup_ratio,
+        warmup_steps=warmup_ratio,  # a float below 1 is a ratio (transformers v5)
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         seed=seed,
         save_strategy="no",
@@ -306,7 +306,7 @@ def main() -> None:
     )
     if previous:
         results["datasets"] = previous["datasets"]
-        results["command"] = previous["command"] + " ; then --resume " + " ".join(sys.argv[1:])
+        results["command"] = previous["command"]  # --resume only finishes what that command started
         start -= previous.get("total_seconds", 0.0)
 
     def save() -> None:
@@ -347,21 +347,21 @@ def main() -> None:
                     "mining_seconds": seconds,
                 }
             for seed in args.seeds:
-                out = os.path.join(tmp, f"{name}-{config}-{seed}")
+                run_dir = os.path.join(tmp, f"{name}-{config}-{seed}")
                 info: dict = {}
                 if config == "st_mnrl_default":
-                    metrics, seconds = st_run(data, seed, 5e-5, 0.0, out)
+                    metrics, seconds = st_run(data, seed, 5e-5, 0.0, run_dir)
                 elif config == "st_mnrl_same_hp":
-                    metrics, seconds = st_run(data, seed, args.learning_rate, args.warmup, out)
+                    metrics, seconds = st_run(data, seed, args.learning_rate, args.warmup, run_dir)
                 elif config == "ark_dense":
-                    metrics, seconds, info = ark_run(data, seed, recipe, out, unified_finetuning=False)
+                    metrics, seconds, info = ark_run(data, seed, recipe, run_dir, unified_finetuning=False)
                 elif config == "ark_m3_sd":
                     metrics, seconds, info = ark_run(
-                        data, seed, recipe, out, unified_finetuning=True, use_self_distill=True
+                        data, seed, recipe, run_dir, unified_finetuning=True, use_self_distill=True
                     )
                 else:  # ark_mined
                     metrics, seconds, info = ark_run(
-                        data, seed, recipe, out, train=mined, unified_finetuning=False, train_group_size=4
+                        data, seed, recipe, run_dir, train=mined, unified_finetuning=False, train_group_size=4
                     )
                 runs.append({"seed": seed, "metrics": metrics, "train_seconds": seconds, **info})
             modes = [*M3_MODES, "all_dev"] if config == "ark_m3_sd" else ["dense"]
