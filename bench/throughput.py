@@ -268,14 +268,13 @@ def run_ark(spec, arch, options, output_dir, meter):
 
 
 def run_fe(spec, arch, options, output_dir, meter):
-    from transformers import HfArgumentParser
-
     from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
         EncoderOnlyEmbedderM3DataArguments,
         EncoderOnlyEmbedderM3ModelArguments,
         EncoderOnlyEmbedderM3Runner,
         EncoderOnlyEmbedderM3TrainingArguments,
     )
+    from transformers import HfArgumentParser
 
     fields = common_args(spec, output_dir)
     argv = [f"--model_name_or_path={spec['models'][arch]}", f"--train_data={spec['data']}",
