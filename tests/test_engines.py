@@ -212,7 +212,7 @@ def _grads_worker(out: str, mini_batch_size: int) -> None:
 
     data, model_path = json.loads(Path(out, "inputs.json").read_text())
     torch.manual_seed(0)
-    model = BGEM3Model(model_path, init_missing_heads=True).double()
+    model = BGEM3Model(model_path, init_missing_heads=True, pooling="mean").double()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
