@@ -27,8 +27,7 @@ from transformers.utils import cached_file, logging
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
 from ark_hf.models.packing import (
     PackedBatch,
-    disable_padding_free,
-    enable_padding_free,
+    PaddingFreeMixin,
     packed_hidden_states,
     position_offset,
 )
@@ -78,7 +77,7 @@ def _load_checked_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTok
     return tokenizer
 
 
-class BGEM3Model(RetrieverModule):
+class BGEM3Model(PaddingFreeMixin, RetrieverModule):
     """An encoder backbone with BGE-M3's dense, sparse and ColBERT heads.
 
     With `H` the last hidden states `[N, L, d]` and `M` the attention mask:
@@ -202,19 +201,6 @@ class BGEM3Model(RetrieverModule):
         special_ids = sorted({i for i in tokenizer.all_special_ids if i is not None})
         self.register_buffer("special_token_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
         self.padding_free = padding_free
-
-    @property
-    def padding_free(self) -> bool:
-        """Packed (padding-free) backbone forward; settable after construction."""
-        return self._padding_free
-
-    @padding_free.setter
-    def padding_free(self, value: bool) -> None:
-        if value:
-            enable_padding_free(self.model)
-        else:
-            disable_padding_free(self.model)
-        self._padding_free = bool(value)
 
     @staticmethod
     def _saved_info(path: str) -> dict[str, Any]:

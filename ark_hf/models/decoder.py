@@ -56,7 +56,7 @@ from ark_hf.constants import (
 )
 from ark_hf.data.collator import tokenize_with_eos
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule, truncate_embeddings
-from ark_hf.models.packing import PackedBatch, disable_padding_free, enable_padding_free, packed_hidden_states
+from ark_hf.models.packing import PackedBatch, PaddingFreeMixin, packed_hidden_states
 from ark_hf.models.st_layout import write_sentence_transformers_layout
 from ark_hf.utils.preflight import check_checkpoint_matches, check_tokenizer, check_weight_files
 
@@ -144,7 +144,7 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------- model
-class DecoderEmbedder(RetrieverModule):
+class DecoderEmbedder(PaddingFreeMixin, RetrieverModule):
     """A decoder LLM turned into an embedder: EOS appended, last-token pooling, L2 normalisation, optional LoRA.
 
     Args:
@@ -259,19 +259,6 @@ class DecoderEmbedder(RetrieverModule):
     def backbone(self) -> PreTrainedModel:
         """The transformers model under the peft wrapper (the backbone itself without LoRA)."""
         return self.model.get_base_model() if self.is_lora else self.model
-
-    @property
-    def padding_free(self) -> bool:
-        """Packed (padding-free) backbone forward; settable after construction."""
-        return self._padding_free
-
-    @padding_free.setter
-    def padding_free(self, value: bool) -> None:
-        if value:
-            enable_padding_free(self.model)
-        else:
-            disable_padding_free(self.model)
-        self._padding_free = bool(value)
 
     @property
     def is_lora(self) -> bool:

@@ -61,6 +61,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "PACKED_ATTENTION_PREFIX",
     "PackedBatch",
+    "PaddingFreeMixin",
     "enable_padding_free",
     "disable_padding_free",
     "packed_attention_forward",
@@ -473,3 +474,20 @@ def packed_hidden_states(backbone: nn.Module, packed: PackedBatch, **kwargs: Any
     with _packed_call():
         output = backbone(**packed.backbone_kwargs(), return_dict=True, **kwargs)
     return output.last_hidden_state[0]
+
+
+class PaddingFreeMixin:
+    """The `padding_free` switch of an embedder whose backbone is `self.model` (settable after construction)."""
+
+    @property
+    def padding_free(self) -> bool:
+        """Packed (padding-free) backbone forward."""
+        return self._padding_free
+
+    @padding_free.setter
+    def padding_free(self, value: bool) -> None:
+        if value:
+            enable_padding_free(self.model)
+        else:
+            disable_padding_free(self.model)
+        self._padding_free = bool(value)
