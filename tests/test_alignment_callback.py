@@ -13,6 +13,8 @@ from ark_hf.evaluation.alignment import AlignmentEvaluator
 from ark_hf.evaluation.base import Evaluator
 from ark_hf.models.decoder import DecoderEmbedder
 
+pytestmark = pytest.mark.slow  # integration runs (real models, subprocesses); the full suite runs them
+
 QUICK = dict(use_cpu=True, report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="no", seed=3)
 
 

@@ -16,6 +16,8 @@ from ark_hf.data.loading import load_training_records, records_to_ir
 from ark_hf.evaluation.ir import IREvaluator
 from ark_hf.models.bge_m3 import BGEM3Model
 
+pytestmark = pytest.mark.slow  # integration runs (real models, subprocesses); the full suite runs them
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [
     {"query": f"how long does permit {i} take", "pos": [f"Permit {i} takes {i + 2} weeks at the city office."],

@@ -22,6 +22,8 @@ from ark_hf.losses.base import RetrievalBatch
 from ark_hf.losses.m3 import M3Loss
 from ark_hf.models.outputs import EmbeddingOutput
 
+pytestmark = pytest.mark.slow  # integration runs (real models, subprocesses); the full suite runs them
+
 WORLD, BATCH, GROUP, VOCAB, HIDDEN = 2, 2, 3, 12, 6
 QUERY_LEN = 4
 PASSAGE_LEN = (5, 7)  # per rank: the token dimension differs between ranks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,6 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ark_hf.losses.base import RetrievalBatch
 from ark_hf.losses.cached import GradCache
 from ark_hf.losses.m3 import M3Loss
+
+pytestmark = pytest.mark.slow  # integration runs (real models, subprocesses); the full suite runs them
 
 MINI_BATCH = 2
 CASES = {

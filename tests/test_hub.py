@@ -20,6 +20,8 @@ from ark_hf.models.bge_m3 import BGEM3Model
 from ark_hf.trainer.bge_config import BGETrainerConfig
 from ark_hf.trainer.bge_trainer import BGETrainer
 
+pytestmark = pytest.mark.slow  # integration runs (real models, subprocesses); the full suite runs them
+
 RECORDS = [
     {"query": f"how long does permit {i} take", "pos": [f"Permit {i} takes {i + 2} weeks at the city office."],
      "neg": [f"Parking rules changed in district {i}.", f"The library opens at {i + 8}."]}

@@ -21,6 +21,8 @@ from ark_hf.data.schema import DataValidationError
 from ark_hf.mining import load_corpus_file, mine_hard_negatives, text_hash
 from ark_hf.models.bge_m3 import BGEM3Model
 
+pytestmark = pytest.mark.slow  # integration runs (real models, subprocesses); the full suite runs them
+
 MAX_LEN = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
 TOL = 1e-5
 

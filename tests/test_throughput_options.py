@@ -20,6 +20,8 @@ from ark_hf.trainer.bge_trainer import BGETrainer
 from ark_hf.trainer.qwen_config import QwenTrainerConfig
 from ark_hf.trainer.qwen_trainer import QwenTrainer
 
+pytestmark = pytest.mark.slow  # integration runs (real models, subprocesses); the full suite runs them
+
 WORDS = ["permit", "roof", "Genehmigung", "office", "neighbour", "facade", "licencia", "plazo", "scaffold"]
 
 

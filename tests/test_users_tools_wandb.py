@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # integration runs (real models, subprocesses); the full suite runs them
+
 wandb = pytest.importorskip("wandb")
 
 RECORDS = [
