@@ -26,6 +26,7 @@ from scipy.stats import spearmanr
 
 from ark_hf.alignment.embedding import encode_dense
 from ark_hf.data.dataset import format_instruction
+from ark_hf.evaluation.base import eval_mode
 
 __all__ = ["AlignmentEvaluator", "load_probe"]
 
@@ -151,13 +152,8 @@ class AlignmentEvaluator:
 
     def set_anchor(self, model: Any) -> None:
         """Use `model`'s current scores as the base retriever's (the parameter score's anchor)."""
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            try:
-                scores = self.retriever_scores(model)
-            finally:
-                model.train(was_training)
+        with torch.no_grad(), eval_mode(model):
+            scores = self.retriever_scores(model)
         self.targets["parameter"] = [[float(x) for x in s] for s in scores]
 
     def spearman_sums(self, model: Any, rank: int = 0, world_size: int = 1) -> dict[str, tuple[float, int]]:

@@ -8,9 +8,22 @@ callable with this shape.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """The model in eval mode for the block (no dropout), its training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @runtime_checkable

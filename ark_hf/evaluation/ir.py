@@ -17,6 +17,7 @@ import torch
 from transformers.utils import logging
 
 from ark_hf.data.dataset import format_instruction
+from ark_hf.evaluation.base import eval_mode
 
 logger = logging.get_logger(__name__)
 
@@ -291,12 +292,8 @@ class IREvaluator:
 
     def __call__(self, model: Any) -> dict[str, float]:
         """Evaluate `model` (must offer `tokenize(texts, max_length)` and `encode_features(features)`)."""
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             matrices = self.score_matrices(model)
-        finally:
-            model.train(was_training)
         prefix = f"{self.name}_" if self.name else ""
         metrics: dict[str, float] = {}
         for mode, scores in matrices.items():
