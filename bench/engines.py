@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["single_gpu", "multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp"]
-RECIPES = ["bge_m3", "qwen3_embedding"]
+RECIPES = ["bge_m3", "qwen3_embedding", "qwen3_lora"]  # qwen3_lora: the Qwen3 recipe with `lora: true`
 TEXTS = [
     "how do I renew a building permit",
     "A building permit can be renewed online before it expires, for a small fee.",
@@ -88,18 +88,6 @@ def write_data(path: Path) -> None:
     )
 
 
-def launch_config(name: str, folder: Path, cpu: bool) -> Path:
-    import yaml
-
-    config = yaml.safe_load((ROOT / "accelerate_configs" / f"{name}.yaml").read_text())
-    config["num_processes"] = 1
-    if cpu:
-        config["mixed_precision"] = "no"
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 # ------------------------------------------------------------------------------------------------ worker
 def worker(spec: dict) -> None:
     import torch
@@ -146,26 +134,79 @@ def worker(spec: dict) -> None:
         "losses": {str(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
         "tokens_per_s": tokens["n"] / tokens["seconds"],
         "peak_memory_gib": peak,
+        "engine": trainer.accelerator.distributed_type.value,
     }
     if trainer.is_world_process_zero():
-        if spec["recipe"] == "bge_m3":
-            from ark_hf import BGEM3Model
-
-            reloaded = BGEM3Model.from_pretrained(config.output_dir)
-        else:
-            from ark_hf.models.decoder import DecoderEmbedder
-
-            reloaded = DecoderEmbedder(config.output_dir)
-        dtype = torch.bfloat16 if spec["bf16"] else torch.float32
-        reloaded = reloaded.to(trainer.args.device, dtype).eval()
-        with torch.no_grad(), torch.autocast(trainer.args.device.type, dtype, enabled=spec["bf16"]):
-            again = reloaded(passages=features).passages.dense.float().cpu()
-        result["reload_max_abs_diff"] = float((again - in_memory).abs().max())
-        result["reload_ok"] = result["reload_max_abs_diff"] <= 1e-3
+        torch.save(in_memory, spec["result"] + ".in_memory.pt")
         Path(spec["result"]).write_text(json.dumps(result))
 
 
+def reload_check(spec: dict) -> dict:
+    """In a fresh process (no engine, no ZeRO-3 `zero.Init` around `from_pretrained`): load the saved folder
+    as a user would, embed the same texts at the training precision (weights as saved, bf16 autocast), and
+    compare with the in-memory embeddings the worker wrote."""
+    import torch
+
+    from ark_hf import BGEM3Model
+    from ark_hf.models.decoder import DecoderEmbedder
+
+    folder = dict(zip(spec["argv"][::2], spec["argv"][1::2]))["--output_dir"]
+    device = "cuda" if torch.cuda.is_available() and spec["bf16"] else "cpu"
+    model = BGEM3Model.from_pretrained(folder) if spec["recipe"] == "bge_m3" else DecoderEmbedder(folder)
+    model = model.to(device).eval()
+    features = {k: v.to(device) for k, v in model.tokenize(TEXTS, 64).items()}
+    with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=spec["bf16"]):
+        again = model(passages=features).passages.dense.float().cpu()
+    in_memory = torch.load(spec["result"] + ".in_memory.pt")
+    diff = float((again - in_memory).abs().max())
+    cosine = float(torch.nn.functional.cosine_similarity(again, in_memory, dim=-1).min())
+    weights = {p.dtype for p in model.parameters()}
+    return {
+        "reload_max_abs_diff": diff, "reload_min_cosine": cosine, "reload_ok": diff <= 1e-3,
+        "saved_dtype": sorted(str(w) for w in weights),
+        "heads_trained": getattr(model, "heads_trained", None),
+    }  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ driver
+def worker_error(stderr: str) -> str:
+    """The worker's own traceback (the launcher's ChildFailedError that follows it says nothing)."""
+    start = stderr.find("Traceback (most recent call last)")
+    launcher = stderr.find("accelerate_cli.py")
+    block = stderr[start:launcher] if 0 <= start < launcher else stderr
+    return block[-3000:]
+
+
+def launch_config(name: str, folder: Path, cpu: bool, port: int) -> Path:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "accelerate_configs" / f"{name}.yaml").read_text())
+    config.update(num_processes=1, main_process_port=port)
+    if cpu:
+        config["mixed_precision"] = "no"
+    path = folder / f"{name}_{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cell_spec(name: str, recipe: str, models: dict, data: Path, work: Path, steps: int, tiny: bool, cpu: bool):
+    out = work / f"{name}_{recipe}"
+    argv = [
+        "--model_name_or_path", models[recipe], "--train_data", str(data), "--output_dir", str(out),
+        "--overwrite_output_dir", "true", "--max_steps", str(steps), "--logging_steps", "1",
+        "--per_device_train_batch_size", "4" if tiny else "32", "--train_group_size", "4",
+        "--mini_batch_size", "4" if tiny else "32", "--query_max_len", "64", "--passage_max_len", "256",
+        "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-5",
+        "--gradient_checkpointing", "true",
+    ]  # fmt: skip
+    argv += ["--use_cpu", "true"] if cpu else ["--bf16", "true"]
+    if recipe == "bge_m3":
+        argv += ["--init_missing_heads", "true", "--unified_finetuning", "true", "--use_self_distill", "true"]
+    if recipe == "qwen3_lora":
+        argv += ["--lora", "true", "--lora_r", "16", "--learning_rate", "1e-4"]
+    return {"recipe": recipe, "argv": argv, "bf16": not cpu, "result": str(out) + ".json"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -173,17 +214,26 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "engines_h200.json"))
     parser.add_argument("--work", default="/tmp/ark_hf_engines_bench")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--cell_timeout", type=int, default=90)
+    parser.add_argument("--cell_timeout", type=int, default=150)
     parser.add_argument("--configs", nargs="*", default=None)
+    parser.add_argument(
+        "--concurrent", action="store_true",
+        help="run a config's two recipes at the same time (one GPU shared: tokens/s then counts both)",
+    )  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--reload", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.reload:
+        spec = json.loads(args.reload)
+        return Path(spec["result"] + ".reload.json").write_text(json.dumps(reload_check(spec)))
 
     cpu = args.device == "cpu"
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     models = build_models(work, args.tiny)
+    models["qwen3_lora"] = models["qwen3_embedding"]
     data = work / "train.jsonl"
     write_data(data)
     steps = args.steps or (2 if args.tiny else 50)
@@ -194,61 +244,68 @@ def main() -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }
-    cells, started = [], time.perf_counter()
+    report = {"command": " ".join(["python", *sys.argv]), "concurrent": args.concurrent, "cells": []}
+    started = time.perf_counter()
+
+    def start(name: str, recipe: str, port: int):
+        spec = cell_spec(name, recipe, models, data, work, steps, args.tiny, cpu)
+        for stale in Path(spec["result"]).parent.glob(Path(spec["result"]).name + "*"):
+            stale.unlink()
+        command = [
+            str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+            str(launch_config(name, work, cpu, port)), __file__, "--worker", json.dumps(spec),
+        ]  # fmt: skip
+        log = open(spec["result"] + ".log", "w")
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        return spec, proc, log, time.perf_counter()
+
+    def finish(name: str, spec: dict, proc, log, t0: float) -> dict:
+        cell = {"config": name, "recipe": spec["recipe"], "steps": steps, "argv": spec["argv"],
+                "command": f"accelerate launch --config_file <accelerate_configs/{name}.yaml, num_processes: 1> "
+                           "bench/engines.py --worker <spec>"}  # fmt: skip
+        try:
+            proc.wait(timeout=max(1.0, args.cell_timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            cell["error"] = f"timed out after {args.cell_timeout} s"
+        log.close()
+        cell["train_seconds"] = round(time.perf_counter() - t0, 1)
+        text = Path(spec["result"] + ".log").read_text()
+        if "error" not in cell and proc.returncode != 0:
+            cell["error"] = worker_error(text)
+        elif "error" not in cell:
+            result = json.loads(Path(spec["result"]).read_text())
+            losses = result.pop("losses")
+            cell["loss"] = {s: losses.get(str(s)) for s in (1, 10, steps)}
+            cell.update(result)
+            check = subprocess.run(
+                [sys.executable, __file__, "--reload", json.dumps(spec)], capture_output=True, text=True,
+                env=env, cwd=ROOT, timeout=120,
+            )  # fmt: skip
+            if check.returncode == 0:
+                cell.update(json.loads(Path(spec["result"] + ".reload.json").read_text()))
+            else:
+                cell["error"] = "reload: " + worker_error(check.stderr)
+        cell["seconds"] = round(time.perf_counter() - t0, 1)
+        return cell
+
+    port = 29600
     for name in configs:
+        running = []
         for recipe in RECIPES:
-            out = work / f"{name}_{recipe}"
-            argv = [
-                "--model_name_or_path", models[recipe], "--train_data", str(data), "--output_dir", str(out),
-                "--overwrite_output_dir", "true", "--max_steps", str(steps), "--logging_steps", "1",
-                "--per_device_train_batch_size", "4" if args.tiny else "32", "--train_group_size", "4",
-                "--mini_batch_size", "4" if args.tiny else "32", "--query_max_len", "64", "--passage_max_len", "256",
-                "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-5",
-                "--gradient_checkpointing", "true",
-            ]  # fmt: skip
-            argv += ["--use_cpu", "true"] if cpu else ["--bf16", "true"]
-            if recipe == "bge_m3":
-                argv += ["--init_missing_heads", "true", "--unified_finetuning", "true", "--use_self_distill", "true"]
-            spec = {"recipe": recipe, "argv": argv, "bf16": not cpu, "result": str(out) + ".json"}
-            command = [
-                str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-                str(launch_config(name, work, cpu)), __file__, "--worker", json.dumps(spec),
-            ]  # fmt: skip
-            cell = {
-                "config": name,
-                "recipe": recipe,
-                "steps": steps,
-                "command": " ".join(command[:4]) + " bench/engines.py --worker <spec>",
-                "argv": argv,
-            }
-            t0 = time.perf_counter()
-            try:
-                run = subprocess.run(
-                    command, capture_output=True, text=True, timeout=args.cell_timeout, env=env, cwd=ROOT
-                )
-                if run.returncode != 0:
-                    cell["error"] = run.stderr[-2000:]
-                else:
-                    result = json.loads(Path(spec["result"]).read_text())
-                    losses = result.pop("losses")
-                    cell["loss"] = {s: losses.get(str(s)) for s in (1, 10, steps)}
-                    cell.update(result)
-            except Exception as error:  # a timeout or an unreadable result: record and go on
-                cell["error"] = f"{type(error).__name__}: {error}"
-            cell["seconds"] = round(time.perf_counter() - t0, 1)
-            cells.append(cell)
-            print(json.dumps({k: v for k, v in cell.items() if k != "error"}), "ERROR" if "error" in cell else "")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "command": " ".join([sys.executable, *sys.argv]),
-                "total_seconds": time.perf_counter() - started,
-                "cells": cells,
-            },
-            indent=2,
-        )  # fmt: skip
-    )
+            port += 1
+            running.append(start(name, recipe, port))
+            if not args.concurrent:
+                running[-1] = finish(name, *running[-1])
+        cells = [c if isinstance(c, dict) else finish(name, *c) for c in running]
+        for cell in cells:
+            print(json.dumps({k: v for k, v in cell.items() if k not in ("error", "argv")}),
+                  "ERROR\n" + cell["error"][-1500:] if "error" in cell else "", flush=True)  # fmt: skip
+        report["cells"] += cells
+        report["total_seconds"] = round(time.perf_counter() - started, 1)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))  # after every config: a cut run keeps its cells
 
 
 if __name__ == "__main__":
