@@ -123,12 +123,13 @@ def worker(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    model = trainer.model
-    unwrapped = trainer.accelerator.unwrap_model(model)
-    features = {k: v.to(trainer.args.device) for k, v in unwrapped.tokenize(TEXTS, 64).items()}
-    model.eval()
-    with torch.no_grad(), trainer.compute_loss_context_manager():
-        in_memory = model(passages=features).passages.dense.float().cpu()
+    # the trained module itself, without accelerate's autocast wrapper: the embeddings at the weights' own
+    # precision (float32 master weights, or the engine's bf16 weights under DeepSpeed), as the reload computes
+    plain = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    features = {k: v.to(trainer.args.device) for k, v in plain.tokenize(TEXTS, 64).items()}
+    plain.eval()
+    with torch.no_grad():
+        in_memory = plain(passages=features).passages.dense.float().cpu()
     trainer.save_model(config.output_dir)
     result = {
         "losses": {str(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
@@ -143,8 +144,8 @@ def worker(spec: dict) -> None:
 
 def reload_check(spec: dict) -> dict:
     """In a fresh process (no engine, no ZeRO-3 `zero.Init` around `from_pretrained`): load the saved folder
-    as a user would, embed the same texts at the training precision (weights as saved, bf16 autocast), and
-    compare with the in-memory embeddings the worker wrote."""
+    as a user would, embed the same texts at the precision of the saved weights (no autocast), and compare
+    with the in-memory embeddings the worker computed the same way from the trained module."""
     import torch
 
     from ark_hf import BGEM3Model
@@ -155,7 +156,7 @@ def reload_check(spec: dict) -> dict:
     model = BGEM3Model.from_pretrained(folder) if spec["recipe"] == "bge_m3" else DecoderEmbedder(folder)
     model = model.to(device).eval()
     features = {k: v.to(device) for k, v in model.tokenize(TEXTS, 64).items()}
-    with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=spec["bf16"]):
+    with torch.no_grad():
         again = model(passages=features).passages.dense.float().cpu()
     in_memory = torch.load(spec["result"] + ".in_memory.pt")
     diff = float((again - in_memory).abs().max())
@@ -216,9 +217,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cell_timeout", type=int, default=150)
     parser.add_argument("--configs", nargs="*", default=None)
+    parser.add_argument("--recipes", nargs="*", default=RECIPES, choices=RECIPES)
     parser.add_argument(
-        "--concurrent", action="store_true",
-        help="run a config's two recipes at the same time (one GPU shared: tokens/s then counts both)",
+        "--parallel", type=int, default=1,
+        help="cells run at the same time (one GPU shared: each cell's tokens/s is then a lower bound)",
     )  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--reload", default=None, help=argparse.SUPPRESS)
@@ -244,7 +246,7 @@ def main() -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }
-    report = {"command": " ".join(["python", *sys.argv]), "concurrent": args.concurrent, "cells": []}
+    report = {"command": " ".join(["python", *sys.argv]), "parallel": args.parallel, "cells": []}
     started = time.perf_counter()
 
     def start(name: str, recipe: str, port: int):
@@ -290,22 +292,20 @@ def main() -> None:
         cell["seconds"] = round(time.perf_counter() - t0, 1)
         return cell
 
-    port = 29600
-    for name in configs:
-        running = []
-        for recipe in RECIPES:
+    queue = [(name, recipe) for name in configs for recipe in args.recipes]
+    running, port = [], 29600
+    while queue or running:
+        while queue and len(running) < args.parallel:
             port += 1
-            running.append(start(name, recipe, port))
-            if not args.concurrent:
-                running[-1] = finish(name, *running[-1])
-        cells = [c if isinstance(c, dict) else finish(name, *c) for c in running]
-        for cell in cells:
-            print(json.dumps({k: v for k, v in cell.items() if k not in ("error", "argv")}),
-                  "ERROR\n" + cell["error"][-1500:] if "error" in cell else "", flush=True)  # fmt: skip
-        report["cells"] += cells
+            name, recipe = queue.pop(0)
+            running.append((name, *start(name, recipe, port)))
+        cell = finish(*running.pop(0))
+        print(json.dumps({k: v for k, v in cell.items() if k not in ("error", "argv")}),
+              "ERROR\n" + cell["error"][-1500:] if "error" in cell else "", flush=True)  # fmt: skip
+        report["cells"].append(cell)
         report["total_seconds"] = round(time.perf_counter() - started, 1)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))  # after every config: a cut run keeps its cells
+        Path(args.out).write_text(json.dumps(report, indent=2))  # after every cell: a cut run keeps its cells
 
 
 if __name__ == "__main__":

@@ -202,6 +202,13 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         self.register_buffer("special_token_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
         self.padding_free = padding_free
 
+    def _special_ids(self, device: torch.device) -> torch.Tensor:
+        """The tokenizer's special ids on `device`. ZeRO-3 builds the model under `zero.Init` and moves only
+        parameters, so this non-persistent buffer can still be on the CPU when the engine runs the forward."""
+        if self.special_token_ids.device != device:
+            self.special_token_ids = self.special_token_ids.to(device)
+        return self.special_token_ids
+
     @staticmethod
     def _saved_info(path: str) -> dict[str, Any]:
         info_file = _find_file(path, HEADS_INFO_FILE)
@@ -275,7 +282,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         # dense-only training skips the heads; evaluation and inference use them whenever they exist
         if not self.has_heads or (self.training and not self.unified_finetuning):
             return EmbeddingOutput(dense=dense)
-        keep = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        keep = attention_mask.bool() & ~torch.isin(input_ids, self._special_ids(input_ids.device))
         sparse_weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep.to(hidden.dtype)
         # ColBERT skips each text's first token (the CLS): position 0 with right padding
         rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
@@ -309,7 +316,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         if not self.has_heads or (self.training and not self.unified_finetuning):
             return EmbeddingOutput(dense=dense)
         token_ids = packed.input_ids[0]
-        keep = ~torch.isin(token_ids, self.special_token_ids)
+        keep = ~torch.isin(token_ids, self._special_ids(token_ids.device))
         sparse = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep.to(hidden.dtype)
         colbert_keep = ~packed.is_first_token()
         colbert = self.colbert_linear(hidden) * colbert_keep.unsqueeze(-1).to(hidden.dtype)
