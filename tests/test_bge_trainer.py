@@ -239,6 +239,7 @@ def test_cross_encoder_teacher_scores_are_its_logits(cross_encoder_path, tokeniz
     assert not torch.allclose(scores, torch.sigmoid(logits))
 
 
+@pytest.mark.slow
 def test_cross_encoder_saved_by_sentence_transformers_is_still_a_cross_encoder(cross_encoder_path, tmp_path):
     """sentence-transformers >= 5 writes modules.json for cross-encoders too; that must not make a bi-encoder."""
     from sentence_transformers import CrossEncoder
@@ -444,6 +445,7 @@ def test_checkpoint_resume_restores_weights_via_load_weights_from(tiny_xlmr_path
         assert torch.equal(value, second.state_dict()[name]), name
 
 
+@pytest.mark.slow
 def test_evaluation_during_training_drives_best_model_selection(tiny_xlmr_path, tmp_path):
     """`eval_*` metrics from the IR evaluator feed metric_for_best_model and load_best_model_at_end."""
     import json as _json

@@ -81,6 +81,7 @@ def test_impossible_combination_is_refused(tmp_path):
         parse_config(BGETrainerConfig, ["--config", path, "--output_dir", "o"])
 
 
+@pytest.mark.slow
 def test_recipe_help_works():
     result = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "bge_m3.py"), "--help"], capture_output=True, text=True, timeout=120

@@ -217,3 +217,33 @@ def test_qwen3_plain_in_batch_equals_infonce():
     loss, stats = qwen3_infonce_loss(q, d, 3, temperature=0.05, use_qq=False, use_dd=False, mask_false_negatives=False)
     torch.testing.assert_close(loss, _reference_infonce(q, d, 3, 0.05, in_batch=True))
     assert int(stats["candidates"]) == 4 * (12 - 1)
+
+
+@pytest.mark.parametrize("use_qq", [False, True])
+def test_qwen3_infonce_without_masks_is_sentence_transformers_mnrl(use_qq):
+    """The objective bench/throughput.py gives the Qwen3 rows of both tools: ark_hf's InfoNCE with the
+    false-negative mask and the d-d term off is sentence-transformers' MNRL (joint partition, query_to_doc
+    [+ query_to_query]) on the same embeddings, values and gradients (float64)."""
+    losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    util = pytest.importorskip("sentence_transformers.util")
+    g = torch.Generator().manual_seed(7)
+    batch, group, dim, temperature = 4, 3, 16, 0.02
+    query, docs = _leaves(_unit(batch, dim, generator=g), _unit(batch * group, dim, generator=g))
+    ours, _ = qwen3_infonce_loss(
+        query, docs, group, temperature=temperature, use_qq=use_qq, use_dd=False, mask_false_negatives=False,
+        mask_other_positives=False,
+    )  # fmt: skip
+    # sentence-transformers' columns: anchors, positives, then the k-th hard negative of every query
+    q2, d2 = _leaves(query, docs)
+    columns = [q2] + [d2.view(batch, group, dim)[:, k] for k in range(group)]
+    directions = ("query_to_doc", "query_to_query") if use_qq else ("query_to_doc",)
+    # dot product: both take unit vectors (cos_sim would renormalise, adding its projection to the gradients)
+    mnrl = losses.MultipleNegativesRankingLoss(
+        None, scale=1 / temperature, similarity_fct=util.dot_score, directions=directions
+    )
+    theirs = mnrl.compute_loss_from_embeddings(columns, None)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    (ours * 3).backward()  # a weight, so the gradients are not those of a normalised identity
+    (theirs * 3).backward()
+    torch.testing.assert_close(query.grad, q2.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(docs.grad, d2.grad, rtol=1e-10, atol=1e-10)

@@ -57,6 +57,7 @@ def build(tiny_xlmr_path, config, data, callbacks=None):
     return BGETrainer(model=model, config=config, train_dataset=data, callbacks=callbacks)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses(tiny_xlmr_path, tmp_path):
     data = write_records(tmp_path / "train.jsonl")
     full = build(tiny_xlmr_path, make_config(tmp_path / "full"), data)
@@ -164,6 +165,7 @@ def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tiny_xlmr_
     assert [e for e in final_entries if e.startswith("checkpoint-")] == ["checkpoint-6"]
 
 
+@pytest.mark.slow
 def test_qwen_resume_reproduces_the_uninterrupted_losses(tiny_qwen3_path, tmp_path):
     from ark_hf import create_qwen_trainer
 
@@ -217,6 +219,7 @@ def test_nan_policy_skip_drops_the_batch_and_trains_on(tiny_xlmr_path, tmp_path,
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+@pytest.mark.slow
 def test_final_save_is_complete_and_leaves_no_temporary_folder(tiny_xlmr_path, tmp_path):
     data = write_records(tmp_path / "train.jsonl")
     out = tmp_path / "out"

@@ -69,6 +69,7 @@ def test_default_pooling_follows_the_model(tiny_xlmr_path, tmp_path, caplog):
     assert trainer.args.sentence_pooling_method == "mean" and trainer.model.pooling == "mean"
 
 
+@pytest.mark.slow
 def test_saved_mean_folder_stays_mean_when_built_from_the_config(tiny_xlmr_path, tmp_path):
     folder = tmp_path / "mean_m3"
     BGEM3Model(tiny_xlmr_path, init_missing_heads=True, pooling="mean").save_pretrained(folder)
@@ -282,6 +283,7 @@ def _run_recipe(pooler_model, folder: Path, *extra: str) -> subprocess.Completed
     return result
 
 
+@pytest.mark.slow
 def test_configure_console_quiets_and_verbose_restores(pooler_model, tmp_path, capfd, caplog):
     from ark_hf.utils.cli import configure_console
 
