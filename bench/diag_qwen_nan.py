@@ -16,7 +16,22 @@ from bench.throughput import PLEN, QLEN, G, make_data, make_replicas  # noqa: E4
 
 work = Path(tempfile.mkdtemp())
 TINY = not torch.cuda.is_available()
-models = make_replicas(work, tiny=TINY)
+if TINY:
+    models = make_replicas(work, tiny=True)
+else:  # the Qwen3 replica of bench/throughput.py only
+    from transformers import Qwen3Config, Qwen3Model
+
+    from ark_hf import assets
+
+    torch.manual_seed(0)
+    qtok = assets.build_qwen3_tokenizer()
+    qcfg = Qwen3Config(vocab_size=151669, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                       rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                       eos_token_id=qtok.eos_token_id, pad_token_id=qtok.pad_token_id)  # fmt: skip
+    models = {"qwen": str(work / "qwen3_replica")}
+    Qwen3Model(qcfg).save_pretrained(models["qwen"])
+    qtok.save_pretrained(models["qwen"])
 make_data(work / "train.jsonl", 512)
 out = {}
 for name, attn, side in [
@@ -26,7 +41,7 @@ for name, attn, side in [
 ]:
     log = []
     config = QwenTrainerConfig(
-        output_dir=str(work / name), max_steps=2 if TINY else 8, use_cpu=TINY, per_device_train_batch_size=8, learning_rate=1e-5, warmup_steps=0,
+        output_dir=str(work / name), max_steps=2 if TINY else 6, use_cpu=TINY, per_device_train_batch_size=8, learning_rate=1e-5, warmup_steps=0,
         bf16=not TINY, optim="adamw_torch" if TINY else "adamw_torch_fused", logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=42, model_name_or_path=models["qwen"], train_data=[str(work / "train.jsonl")],
         train_group_size=G, query_max_len=QLEN, passage_max_len=PLEN, torch_dtype="float32",

@@ -169,6 +169,31 @@ def reload_check(spec: dict) -> dict:
     }  # fmt: skip
 
 
+def render(paths: list[str]) -> str:
+    """One markdown table over the cells of several runs (a later run's cell replaces an earlier one's)."""
+    cells, runs = {}, []
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        runs.append(f"- `{report['command']}` ({Path(path).name}: {report.get('total_seconds')} s)")
+        cells.update({(c["config"], c["recipe"]): c for c in report["cells"]})
+    lines = ["Runs:", *runs, "", "| config | recipe | engine | loss @1 / @10 / @50 | tokens/s | peak GiB | saved "
+             "| reload max abs diff / min cos | heads trained | result |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (config, recipe), c in sorted(cells.items(), key=lambda kv: (CONFIGS.index(kv[0][0]), kv[0][1])):
+        if "error" in c:
+            named = [ln.strip() for ln in c["error"].splitlines() if "Error" in ln and "ChildFailed" not in ln]
+            error = (named[-1] if named else " ".join(c["error"].split())[-300:]).replace("|", "/")
+            lines.append(f"| {config} | {recipe} | | | | | | | | failed: {error} |")
+            continue
+        loss = " / ".join(f"{v:.3f}" if v is not None else "-" for v in c["loss"].values())
+        ok = "trained, saved, reloaded" + ("" if c["reload_ok"] else " (diff above 1e-3)")
+        lines.append(
+            f"| {config} | {recipe} | {c['engine']} | {loss} | {c['tokens_per_s']:,.0f} | {c['peak_memory_gib']:.1f} "
+            f"| {','.join(d.removeprefix('torch.') for d in c['saved_dtype'])} "
+            f"| {c['reload_max_abs_diff']:.1e} / {c['reload_min_cosine']:.6f} | {c['heads_trained']} | {ok} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def worker_error(stderr: str) -> str:
     """The worker's own traceback (the launcher's ChildFailedError that follows it says nothing)."""
@@ -222,11 +247,14 @@ def main() -> None:
         "--parallel", type=int, default=1,
         help="cells run at the same time (one GPU shared: each cell's tokens/s is then a lower bound)",
     )  # fmt: skip
+    parser.add_argument("--render", nargs="*", help="result JSONs to render as one markdown table (to --out)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--reload", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.render:
+        return Path(args.out).write_text(render(args.render))
     if args.reload:
         spec = json.loads(args.reload)
         return Path(spec["result"] + ".reload.json").write_text(json.dumps(reload_check(spec)))

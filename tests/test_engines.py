@@ -203,6 +203,35 @@ def _check_flag_embedding_loads_trained_heads(out: Path, start_path: str) -> Non
         torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("engine", ["multi_gpu", pytest.param("deepspeed_zero2", marks=pytest.mark.slow)])
+def test_resume_under_an_engine_reproduces_the_uninterrupted_losses(engine, train_file, tiny_xlmr_path, tmp_path):
+    """4 GradCache steps under 2 processes, checkpoints at 2 and 4; a second launch resumes from checkpoint-2 (model,
+    optimizer, scheduler, each rank's RNG, the sampler's position) and logs the same losses at steps 3 and 4."""
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    common = [
+        *RECIPE_ARGS["bge_m3"], "--model_name_or_path", tiny_xlmr_path, "--train_data", str(train_file),
+        "--max_steps", "4", "--per_device_train_batch_size", "2", "--train_group_size", "2", "--mini_batch_size", "3",
+        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
+    ]  # fmt: skip
+    script = str(ROOT / "recipes" / "bge_m3.py")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _launch(cpu_config(engine, tmp_path), script, *common, "--output_dir", str(full))
+    _launch(
+        cpu_config(engine, tmp_path), script, *common, "--output_dir", str(resumed),
+        "--resume_from_checkpoint", str(full / "checkpoint-2"),
+    )  # fmt: skip
+
+    def losses(folder: Path) -> dict[int, float]:
+        state = json.loads((folder / "checkpoint-4" / "trainer_state.json").read_text())
+        return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+    expected, got = losses(full), losses(resumed)
+    assert sorted(expected) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+
+
 # ------------------------------------------------------------------------------------------------ gradients
 def _grads_worker(out: str, mini_batch_size: int) -> None:
     """One optimizer step of BGETrainer (float64, no dropout) under the launcher; each rank saves the gradients
