@@ -5,11 +5,13 @@ ark-hf train bge-m3 --config recipes/configs/bge_m3_unified_self_distill.yaml --
 ark-hf train qwen3 --config recipes/configs/qwen3_full.yaml --train_data data/train.jsonl --output_dir out/qwen3
 ark-hf eval out/m3 --data data/dev.jsonl --output out/m3/dev_metrics.json
 ark-hf mine --data data/train.jsonl --model out/m3 --output data/train_mined.jsonl --relative_margin 0.05
+ark-hf score --input_file data/train.jsonl --output_file data/train.align.jsonl --lm_name_or_path Qwen/Qwen2.5-7B-Instruct --rebuild_output data/train.ark.jsonl
 ark-hf merge out/qwen3/checkpoint-1000 out/qwen3/checkpoint-2000 --output_dir out/qwen3/merged --method slerp
 ark-hf card out/m3 --model_id user/my-m3
 ```
 
-`train` runs the recipes' own code path (`recipes/bge_m3.py`, `recipes/qwen3_embedding.py`) with the same flags.
+`train` runs the recipes' own code path (`recipes/bge_m3.py`, `recipes/qwen3_embedding.py`) with the same flags;
+`score` is `recipes/compute_alignment.py` (ARK triple alignment, `ark_hf.alignment.pipeline.compute_alignment`).
 Mistakes in the data, the config or the output folder print the message alone and exit with status 2; `--debug`
 shows the traceback.
 """
@@ -143,6 +145,14 @@ def _mine(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace, rest: list[str]) -> int:
+    from ark_hf.alignment.pipeline import main as compute_alignment_main
+
+    written = compute_alignment_main(rest, prog="ark-hf score")
+    print(f"written: {written}")
+    return 0
+
+
 def _merge(args: argparse.Namespace, rest: list[str]) -> int:
     from ark_hf.merging import merge_checkpoints
 
@@ -189,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ark-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[debug]
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,mine,merge,card}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,mine,score,merge,card}")
 
     train = commands.add_parser(
         "train", parents=[debug], add_help=False, help="Fine-tune with a recipe (same flags as the recipe)."
@@ -217,6 +227,12 @@ def _parser() -> argparse.ArgumentParser:
         "mine", parents=[debug], add_help=False, help="Mine hard negatives with a model (ark_hf.mining)."
     )
     mine.set_defaults(handler=_mine)
+
+    score = commands.add_parser(
+        "score", parents=[debug], add_help=False,
+        help="ARK triple alignment: score candidate chunks with a causal LM, rebuild training records.",
+    )  # fmt: skip
+    score.set_defaults(handler=_score)
 
     merge = commands.add_parser("merge", parents=[debug], help="Merge checkpoints (slerp or linear).")
     merge.add_argument("checkpoints", nargs="+", help="Checkpoint folders (full models or LoRA adapters).")

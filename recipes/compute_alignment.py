@@ -9,37 +9,17 @@ Shards in parallel (one GPU each), then training records with `pos_scores` / `ne
     for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python recipes/compute_alignment.py --config align.yaml \\
         --start $((i*1000)) --end $(((i+1)*1000)) --output_file data/train.align.$i.jsonl & done; wait
     cat data/train.align.*.jsonl > data/train.align.jsonl
-    python recipes/compute_alignment.py --config align.yaml --rebuild_only data/train.align.jsonl \\
-        --rebuild_output data/train.ark.jsonl
+    python recipes/compute_alignment.py --rebuild_only data/train.align.jsonl --rebuild_output data/train.ark.jsonl
 
-Every field of `AlignmentScoringConfig` is a flag or a YAML key (`--help` lists them); records are checked
-(file:line:field) before any model loads.
+`ark-hf score` runs the same job with the same flags. Every field of `ComputeAlignmentConfig` is a flag or a
+YAML key (`--help` lists them); records are checked (file:line:field) before any model loads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ark_hf.alignment.pipeline import ComputeAlignmentConfig, compute_alignment, main
 
-from ark_hf.alignment.pipeline import AlignmentScoringConfig, rebuild_file, score_file
-from ark_hf.utils.cli import parse_config
-
-
-@dataclass
-class ComputeAlignmentConfig(AlignmentScoringConfig):
-    rebuild_only: str | None = field(
-        default=None, metadata={"help": "Skip scoring: rebuild training records from this scored jsonl."}
-    )
-
-
-def main(argv: list[str] | None = None) -> str:
-    config = parse_config(ComputeAlignmentConfig, argv)
-    if config.rebuild_only:
-        if not config.rebuild_output:
-            raise SystemExit("--rebuild_only needs --rebuild_output")
-        return str(rebuild_file(config.rebuild_only, config.rebuild_output, config))
-    output = score_file(config)
-    return str(config.rebuild_output or output)
-
+__all__ = ["ComputeAlignmentConfig", "compute_alignment", "main"]
 
 if __name__ == "__main__":
     print(main())

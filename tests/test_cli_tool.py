@@ -1,4 +1,5 @@
-"""`ark-hf` subcommands on the tiny XLM-R: train, eval, mine, merge, card, help, and user errors (exit 2)."""
+"""`ark-hf` subcommands on the tiny XLM-R (and a tiny causal LM for score): train, eval, mine, score, merge, card,
+help, and user errors (exit 2)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def trained(workdir, tiny_xlmr_path):
 def test_python_m_ark_hf_help():
     result = subprocess.run([sys.executable, "-m", "ark_hf", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    for command in ("train", "eval", "mine", "merge", "card"):
+    for command in ("train", "eval", "mine", "score", "merge", "card"):
         assert command in result.stdout
 
 
@@ -126,3 +127,90 @@ def test_user_errors_exit_2_without_traceback(workdir, tiny_xlmr_path, tmp_path)
     assert main(["train", "bge-m3", "--output_dir", str(tmp_path / "o3")]) == 2  # no train_data
     assert main(["mine", "--data", str(bad), "--model", "x", "--output", str(tmp_path / "m.jsonl")]) == 2
     assert main(["card", str(tmp_path)]) == 2
+
+
+# ----------------------------------------------------------------------------------------------- ark-hf score
+ALIGN_RECORDS = [
+    {"query": f"how long does permit {i} take?", "answers": [f"{i + 2} weeks"],
+     "pos": [f"Permit {i} takes {i + 2} weeks at the city office."],
+     "neg": [f"The library opens at {i + 8}.", "Parking is free on Sundays in the whole city centre."]}
+    for i in range(3)
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm(tiny_qwen3_path, tmp_path_factory):
+    """A random Qwen3 causal LM (the tiny Qwen3's config) with the real Qwen3 tokenizer, saved to a folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("causal_lm")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_qwen3_path)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_qwen3_path).save_pretrained(folder)
+    return str(folder)
+
+
+def test_score_help_lists_every_option(capsys):
+    import dataclasses
+
+    from ark_hf.alignment.pipeline import ComputeAlignmentConfig
+
+    assert main(["score", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ark-hf score")
+    for option in dataclasses.fields(ComputeAlignmentConfig):
+        assert f"--{option.name}" in out, option.name
+    assert "--config" in out
+
+
+def test_score_refuses_bad_records_before_any_model_loads(tmp_path, capsys):
+    bad = tmp_path / "in.jsonl"
+    bad.write_text(json.dumps(ALIGN_RECORDS[0]) + "\n" + json.dumps({"query": "q", "candidates": []}) + "\n")
+    output = tmp_path / "out.jsonl"
+    # the LM folder does not exist: loading it would raise OSError, not exit 2
+    flags = ["--output_file", str(output), "--lm_name_or_path", str(tmp_path / "no-such-lm")]
+    assert main(["score", "--input_file", str(bad), *flags]) == 2
+    assert f"{bad}:2: field 'candidates': the candidate list is empty" in capsys.readouterr().err
+    assert not output.exists()
+    assert main(["score", "--input_file", str(tmp_path / "missing.jsonl"), *flags]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["score", "--output_file", str(output)]) == 2  # no input_file, no lm
+    assert "scoring needs --input_file, --lm_name_or_path" in capsys.readouterr().err
+    assert main(["score", "--rebuild_only", str(bad)]) == 2
+    assert "--rebuild_only needs --rebuild_output" in capsys.readouterr().err
+    assert main(["score", "--rebuild_only", str(bad), "--rebuild_output", str(tmp_path / "t.jsonl")]) == 2
+    assert f"{bad}:1: field 'alignment': not a line of the scorer's output" in capsys.readouterr().err
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_score_writes_the_scored_file_and_rebuild_only_the_training_records(tiny_causal_lm, tmp_path):
+    from ark_hf.alignment import AlignmentScoringConfig, CausalLMScorer, score_records
+    from ark_hf.alignment.records import read_alignment_records
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ALIGN_RECORDS))
+    scored_path = tmp_path / "scored.jsonl"
+    assert main(["score", "--input_file", str(data), "--output_file", str(scored_path), "--lm_name_or_path",
+                 tiny_causal_lm, "--device", "cpu", "--records_per_block", "2", "--show_progress", "false"]) == 0  # fmt: skip
+    scored = [json.loads(line) for line in scored_path.read_text().splitlines()]
+    assert [s["alignment"]["index"] for s in scored] == [0, 1, 2]
+    # the same scores as the library called directly on the same LM
+    config = AlignmentScoringConfig(lm_name_or_path=tiny_causal_lm, show_progress=False)
+    lm = CausalLMScorer.from_pretrained(tiny_causal_lm, device="cpu")
+    direct = score_records(read_alignment_records(data), lm, None, config)
+    for got, want in zip(scored, direct):
+        for name in ("pos", "neg"):
+            for g, w in zip(got["alignment"][name], want["alignment"][name]):
+                assert g["forward"] == pytest.approx(w["forward"], abs=1e-6)
+                assert g["backward"] == pytest.approx(w["backward"], abs=1e-6)
+                assert g["parameter"] is None and g["score"] == pytest.approx(w["score"], abs=1e-6)
+
+    rebuilt = tmp_path / "train.jsonl"
+    assert main(["score", "--rebuild_only", str(scored_path), "--rebuild_output", str(rebuilt),
+                 "--num_negatives", "1", "--false_negative_ratio", "1.0"]) == 0  # fmt: skip
+    records = load_training_records(str(rebuilt), require_teacher_scores=True)
+    assert len(records) == len(ALIGN_RECORDS)
+    for record, line in zip(records, scored):
+        best = max(e["score"] for name in ("pos", "neg") for e in line["alignment"][name])
+        assert record["pos_scores"] == [pytest.approx(best)] and len(record["neg"]) == 1
+        assert record["neg_scores"][0] <= record["pos_scores"][0]

@@ -1,9 +1,9 @@
 """`report_to=wandb` with `WANDB_MODE=offline`: the run's `.wandb` file, read back, holds what the trainer logged.
 
-Loss components, evaluation metrics per scoring mode, the learning rate, the sparse-health components (BGE-M3)
-and the masked-negative counts (Qwen3), each equal to the trainer's own log. wandb 0.31 writes the offline run
-only to its transaction log (`run-<id>.wandb`, LevelDB log framing of `wandb_internal_pb2.Record` protobufs) and
-has no Python reader for it, so `_history` below reads that framing.
+Loss components, evaluation metrics per scoring mode, the learning rate, the sparse-health components (BGE-M3),
+the masked-negative counts (Qwen3) and `AlignmentCallback`'s `align/*` metrics, each equal to the trainer's own
+log. wandb 0.31 writes the offline run only to its transaction log (`run-<id>.wandb`, LevelDB log framing of
+`wandb_internal_pb2.Record` protobufs) and has no Python reader for it, so `_history` below reads that framing.
 """
 
 from __future__ import annotations
@@ -125,3 +125,50 @@ def test_qwen3_run_in_wandb(tiny_qwen3_path, tmp_path, monkeypatch):
     rows = [r for r in history if "train/loss" in r]
     assert all(r["train/masked_negatives"] >= 1 for r in rows)  # the negative equal to the positive is masked
     _check_eval_rows(metrics, history, ("dense",))
+
+
+def test_alignment_callback_metrics_reach_wandb_and_the_log_history(tiny_qwen3_path, tmp_path, monkeypatch):
+    import math
+
+    import numpy as np
+    import torch
+
+    from ark_hf import AlignmentCallback, QwenTrainer, QwenTrainerConfig
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    probe = []
+    for i in range(4):  # scored records as `score_file` writes them (made-up scores: the callback only reads them)
+        entries = [{"forward": float(f), "backward": float(b), "parameter": float(p), "tokens": 10, "score": float(s)}
+                   for f, b, p, s in rng.normal(size=(3, 4))]  # fmt: skip
+        probe.append({"query": f"how long for permit {i}?", "pos": [f"Permit {i} takes {i + 2} weeks."],
+                      "neg": [f"The library opens at {i}.", f"Sheds of {i} m2 need no permit."],
+                      "alignment": {"index": i, "pos": entries[:1], "neg": entries[1:]}})  # fmt: skip
+    config = QwenTrainerConfig(
+        output_dir=str(tmp_path / "out"), model_name_or_path=tiny_qwen3_path, max_steps=4, learning_rate=1e-3,
+        per_device_train_batch_size=2, train_group_size=3, query_max_len=12, passage_max_len=16, use_cpu=True,
+        report_to=["wandb"], save_strategy="no", logging_steps=1, disable_tqdm=True, bf16=False, seed=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = QwenTrainer(config=config, train_dataset=RECORDS)
+    trainer.add_callback(AlignmentCallback(probe, every_n_steps=2).bind(trainer))
+    try:
+        trainer.train()
+        run_dir = Path(wandb.run.dir).parent
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    logged = [e for e in trainer.state.log_history if "align/forward" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+    rows = [r for r in _history(run_dir) if "train/align/forward" in r]
+    assert len(rows) == len(logged)
+    keys = ("forward", "backward", "parameter", "grad_probe_cos", "update_grad_cos")
+    for entry, row in zip(logged, rows):
+        assert row["train/global_step"] == entry["step"]
+        for key in keys:
+            value = row[f"train/align/{key}"]
+            assert math.isfinite(value) and -1.0 <= value <= 1.0, (key, value)
+            assert value == pytest.approx(entry[f"align/{key}"], rel=1e-6), key

@@ -36,27 +36,42 @@ from ark_hf.alignment.prompts import ARK_BACKWARD_PROMPT, ARK_FORWARD_PROMPT, UP
 from ark_hf.alignment.records import AlignmentRecord, iter_jsonl, read_alignment_records
 from ark_hf.data.dataset import format_instruction
 from ark_hf.data.schema import DataValidationError, ValidationIssue
+from ark_hf.utils.cli import ConfigError, parse_config
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["AlignmentScoringConfig", "rebuild_file", "rebuild_records", "score_file", "score_records"]
+__all__ = [
+    "AlignmentScoringConfig",
+    "ComputeAlignmentConfig",
+    "compute_alignment",
+    "main",
+    "rebuild_file",
+    "rebuild_records",
+    "score_file",
+    "score_records",
+]
 
 
 @dataclass
 class AlignmentScoringConfig:
-    """Options of `score_file` and `recipes/compute_alignment.py`.
+    """Options of `score_file`, `recipes/compute_alignment.py` and `ark-hf score`.
 
-    Data: `input_file`, `output_file`, the shard `start`/`end` (record indices, `end` exclusive).
-    Models: `lm_name_or_path` (any causal LM), `retriever_name_or_path` (the base retriever of S_v; none: no S_v).
+    Data: `input_file`, `output_file` (both required to score), the shard `start`/`end` (record indices, `end` exclusive).
+    Models: `lm_name_or_path` (any causal LM; required unless `score_file` is given a loaded LM), `retriever_name_or_path` (the base retriever of S_v; none: no S_v).
     Prompts: ARK's by default. Combination: ARK's weights (1.0, 0.3, 1.0) and 10-token short-chunk penalty.
     Rebuild: with `rebuild_output`, training records are written from the scores once scoring is complete.
     """
 
-    input_file: str = field(
-        metadata={"help": "jsonl with `query`, optional `answers`, and `pos`/`neg` or `candidates`."}
+    input_file: str | None = field(
+        default=None,
+        metadata={"help": "jsonl with `query`, optional `answers`, and `pos`/`neg` or `candidates` (required)."},
     )
-    output_file: str = field(metadata={"help": "Scored jsonl (appended to; an existing file is resumed)."})
-    lm_name_or_path: str = field(metadata={"help": "Causal LM of the forward and backward scores."})
+    output_file: str | None = field(
+        default=None, metadata={"help": "Scored jsonl (appended to; an existing file is resumed) (required)."}
+    )
+    lm_name_or_path: str | None = field(
+        default=None, metadata={"help": "Causal LM of the forward and backward scores (required)."}
+    )
     retriever_name_or_path: str | None = field(
         default=None, metadata={"help": "Base retriever of the parameter score S_v (none: S_v is left out)."}
     )
@@ -264,6 +279,10 @@ def score_file(
     `lm` / `retriever` may be given already loaded; otherwise they are loaded from the config after every
     record has been checked. Returns the output path.
     """
+    required = ["input_file", "output_file"] + (["lm_name_or_path"] if lm is None and load_lm is None else [])
+    missing = [f"`{name}`" for name in required if not getattr(config, name)]
+    if missing:
+        raise ConfigError(f"scoring needs {', '.join(missing)}")
     records = read_alignment_records(config.input_file, config.start, config.end)
     if not records:
         raise DataValidationError(
@@ -374,8 +393,24 @@ def rebuild_records(
 
 
 def rebuild_file(scored_path: str | Path, output_path: str | Path, config: AlignmentScoringConfig) -> Path:
-    """`rebuild_records` over a scored jsonl (in record order), written to `output_path` through a rename."""
-    scored = [json.loads(text) for _, _, text in iter_jsonl(scored_path)]
+    """`rebuild_records` over a scored jsonl (in record order), written to `output_path` through a rename.
+
+    A missing file, or a line that is not this scorer's output, is refused (file:line) before anything is written.
+    """
+    if not Path(scored_path).is_file():
+        raise DataValidationError([ValidationIssue(str(scored_path), 0, None, "file not found")])
+    scored, issues = [], []
+    for _, number, text in iter_jsonl(scored_path):
+        try:
+            record = json.loads(text)
+            int(record["alignment"]["index"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            message = f"not a line of the scorer's output ({type(error).__name__}: {error}); score the file first"
+            issues.append(ValidationIssue(str(scored_path), number, "alignment", message))
+            continue
+        scored.append(record)
+    if issues:
+        raise DataValidationError(issues)
     scored.sort(key=lambda r: r["alignment"]["index"])
     rebuilt = rebuild_records(
         scored,
@@ -389,3 +424,40 @@ def rebuild_file(scored_path: str | Path, output_path: str | Path, config: Align
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rebuilt), encoding="utf-8")
     os.replace(tmp, output_path)
     return output_path
+
+
+# ------------------------------------------------------------------------------------------------ the job
+@dataclass
+class ComputeAlignmentConfig(AlignmentScoringConfig):
+    """`AlignmentScoringConfig` plus `rebuild_only`: the options of `recipes/compute_alignment.py` / `ark-hf score`."""
+
+    rebuild_only: str | None = field(
+        default=None,
+        metadata={"help": "Skip scoring: rebuild training records from this scored jsonl into --rebuild_output."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.rebuild_only:
+            if not self.rebuild_output:
+                raise ConfigError("--rebuild_only needs --rebuild_output (the training records' file)")
+            return
+        missing = [f"--{name}" for name in ("input_file", "output_file", "lm_name_or_path") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(f"scoring needs {', '.join(missing)} (or --rebuild_only SCORED.jsonl to rebuild only)")
+
+
+def compute_alignment(config: ComputeAlignmentConfig) -> Path:
+    """Score `input_file` (resumable, one shard) and rebuild training records if asked; or only rebuild.
+
+    Returns the last file written: `rebuild_output` when given, else `output_file`.
+    """
+    if config.rebuild_only:
+        return rebuild_file(config.rebuild_only, config.rebuild_output, config)
+    output = score_file(config)
+    return Path(config.rebuild_output) if config.rebuild_output else output
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> str:
+    """Parse `--config file.yaml` and flags into a `ComputeAlignmentConfig` and run `compute_alignment`."""
+    config = parse_config(ComputeAlignmentConfig, None if argv is None else list(argv), prog=prog)
+    return str(compute_alignment(config))

@@ -350,13 +350,14 @@ def _own_options_first(parser: HfArgumentParser, config_cls: type) -> None:
     parser.usage = f"%(prog)s [--config FILE.yaml] [--verbose] [--OPTION VALUE ...]  (options: {config_cls.__name__})"
 
 
-def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
+def parse_config(config_cls: type[T], argv: list[str] | None = None, *, prog: str | None = None) -> T:
     """Parse `--config file.yaml` plus command-line overrides into one `config_cls` instance.
 
-    `--verbose` is taken here too: without it third-party noise is quiet (`configure_console`).
+    `--verbose` is taken here too: without it third-party noise is quiet (`configure_console`). `prog` is the
+    program name `--help` and usage errors show (default: the script's name).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(config_cls)
+    parser = HfArgumentParser(config_cls, prog=prog)
     parser.add_argument("--config", type=str, default=None, help=CONFIG_HELP)
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _own_options_first(parser, config_cls)
