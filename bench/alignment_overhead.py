@@ -39,12 +39,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoTokenizer
 
 from ark_hf import AlignmentCallback, BGEM3Model, BGETrainer
 from ark_hf.alignment import AlignmentScoringConfig, CausalLMScorer, score_records
 from ark_hf.alignment.records import AlignmentRecord
 from ark_hf.assets import minilm_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alignment_validation import small_lm  # noqa: E402  (bench/ is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = ("on_train_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
@@ -102,12 +105,7 @@ def build_probe(queries: dict, corpus: dict, n_questions: int, n_negatives: int,
         records.append(AlignmentRecord(index, index + 1, raw, raw["query"], first_sentence, [corpus[qid], *negatives], fields))  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     torch.manual_seed(seed)
-    lm_config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    lm = CausalLMScorer(Qwen3ForCausalLM(lm_config).eval(), tokenizer, max_length=512, token_budget=8192)
+    lm = CausalLMScorer(small_lm(tokenizer, 1024).eval(), tokenizer, max_length=512, token_budget=8192)
     retriever = BGEM3Model(str(minilm_path()), pooling="mean", unified_finetuning=False).eval()
     config = AlignmentScoringConfig(query_max_len=48, passage_max_len=160)
     return score_records(records, lm, retriever, config)

@@ -51,14 +51,19 @@ def auroc(clean: list[float], corrupt: list[float]) -> float:
     return float((c > k).mean() + 0.5 * (c == k).mean())
 
 
-def train_lm(tokenizer, rows, steps: int, seed: int) -> tuple[Qwen3ForCausalLM, list[float]]:
-    torch.manual_seed(seed)
+def small_lm(tokenizer, max_positions: int = 512) -> Qwen3ForCausalLM:
+    """A 2-layer Qwen3-architecture causal LM over `tokenizer`'s vocabulary (random weights)."""
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=max_positions,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    model = Qwen3ForCausalLM(config)
+    return Qwen3ForCausalLM(config)
+
+
+def train_lm(tokenizer, rows, steps: int, seed: int) -> tuple[Qwen3ForCausalLM, list[float]]:
+    torch.manual_seed(seed)
+    model = small_lm(tokenizer)
     examples = []
     for row in rows:
         answer = sentences(row["a"])[0]

@@ -320,7 +320,9 @@ def main() -> None:
         cell["seconds"] = round(time.perf_counter() - t0, 1)
         return cell
 
-    queue = [(name, recipe) for name in configs for recipe in args.recipes]
+    # a `config:recipe` entry of --configs names one cell
+    queue = [tuple(n.split(":")) if ":" in n else (n, r) for n in configs for r in args.recipes]
+    queue = list(dict.fromkeys(queue))
     running, port = [], 29600
     while queue or running:
         while queue and len(running) < args.parallel:
