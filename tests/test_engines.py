@@ -4,9 +4,10 @@ CPU configs are made in a tmp dir from the shipped ones, changing only `num_proc
 'no'` (float32/64 on CPU) and the port. `use_cpu: true` / `MULTI_CPU` would not do: `accelerate launch` then
 starts ONE process (multi-CPU launches need mpirun); with the shipped `use_cpu: false` it starts torchrun, and
 the training config's `use_cpu: true` makes each process a gloo (MULTI_CPU) rank.
-DeepSpeed runs on CPU (its CPU accelerator, gloo); FSDP does not: accelerate applies an FSDP plugin only on
-GPU/XPU/NPU-like devices (`AcceleratorState` turns `use_cpu` into `MULTI_CPU`, which never becomes `FSDP`), so
-preflight refuses the combination and FSDP is tested here only through its wrap policy (the GPU bench runs it).
+DeepSpeed runs on CPU (its CPU accelerator, gloo). FSDP2 runs on CPU in torch (gloo), but accelerate applies an
+FSDP plugin only on accelerators (`AcceleratorState` keeps `MULTI_CPU`, which never becomes `FSDP`, and preflight
+refuses the combination for users); the FSDP tests put `tests/fsdp_on_cpu` on PYTHONPATH with
+ARK_HF_FSDP_ON_CPU=1, which lifts exactly that refusal, so accelerate's and torch's FSDP code runs for real.
 
 This file is also the worker of the gradient test: `accelerate launch tests/test_engines.py grads OUT MINI`.
 """
@@ -54,10 +55,14 @@ def cpu_config(name: str, folder: Path) -> Path:
     return path
 
 
+FSDP_ON_CPU = {"PYTHONPATH": f"{ROOT / 'tests' / 'fsdp_on_cpu'}{os.pathsep}{ROOT}", "ARK_HF_FSDP_ON_CPU": "1"}
+
+
 def _launch(config: Path, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).with_name("accelerate")  # the console script of this environment
     command = [str(accelerate), "launch", "--config_file", str(config), script, *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    env = {**ENV, **FSDP_ON_CPU} if config.name.startswith("fsdp") else ENV
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -177,6 +182,25 @@ def test_recipe_under_deepspeed_with_gradcache(engine, recipe, train_file, tiny_
         assert any(moved)  # the saved weights are the trained ones, gathered from the shards
         return
     _check_flag_embedding_loads_trained_heads(out, tiny_xlmr_path)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP
+@pytest.mark.parametrize("recipe", ["bge_m3", "qwen3_embedding"])
+def test_recipe_under_fsdp_with_gradcache(recipe, train_file, tiny_xlmr_path, tiny_qwen3_path, tmp_path):
+    """fsdp.yaml (FSDP2, full shard, layers wrapped): GradCache trains, the checkpoint holds FSDP's own files, and
+    the final folder (gathered on rank 0, written by rank 0 only) loads with the trained weights."""
+    from ark_hf.models.decoder import DecoderEmbedder
+
+    model = tiny_xlmr_path if recipe == "bge_m3" else tiny_qwen3_path
+    out = tmp_path / "out"
+    _recipe("fsdp", recipe, model, train_file, out, tmp_path)
+    assert (out / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # FSDP's save path ran: it was sharded
+    if recipe == "bge_m3":
+        _check_flag_embedding_loads_trained_heads(out, tiny_xlmr_path)
+        return
+    reloaded, start = DecoderEmbedder(str(out)), DecoderEmbedder(model)
+    pairs = zip(reloaded.backbone.state_dict().values(), start.backbone.state_dict().values())
+    assert any(not torch.equal(a, b) for a, b in pairs)
 
 
 def _check_flag_embedding_loads_trained_heads(out: Path, start_path: str) -> None:

@@ -232,3 +232,17 @@ def test_final_save_is_complete_and_leaves_no_temporary_folder(tiny_xlmr_path, t
     model = trainer.accelerator.unwrap_model(trainer.model)
     for a, b in zip(reloaded.colbert_linear.parameters(), model.colbert_linear.parameters()):
         assert torch.equal(a, b.detach())
+
+
+def test_only_the_writer_rank_writes_model_files(tiny_xlmr_path, tmp_path, monkeypatch):
+    """Under ZeRO-3 and FSDP the Trainer calls `_save` on every rank with the gathered state dict, which only
+    rank 0 holds (`{}` elsewhere); another rank writing would put empty or sharded weights over rank 0's files
+    (and, under ZeRO-3, an error there sent that rank into an extra collective save: a hang)."""
+    data = write_records(tmp_path / "train.jsonl")
+    trainer = build(tiny_xlmr_path, make_config(tmp_path / "out", save_strategy="no", max_steps=1), data)
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self: False))
+    trainer._save(str(tmp_path / "rank1"), state_dict={})
+    assert not (tmp_path / "rank1").exists()
+    monkeypatch.undo()
+    trainer._save(str(tmp_path / "rank0"))
+    assert (tmp_path / "rank0" / "colbert_linear.pt").is_file()

@@ -95,6 +95,10 @@ class AtomicSaveMixin:
         return {}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Under FSDP the Trainer calls `_save` on every rank after gathering the full state dict, which only rank 0
+        # holds (the others get `{}`); a non-writer rank would write the sharded heads over rank 0's files.
+        if not self.args.should_save:
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
