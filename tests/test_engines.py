@@ -14,6 +14,7 @@ This file is also the worker of the gradient test: `accelerate launch tests/test
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -203,6 +204,39 @@ def test_recipe_under_fsdp_with_gradcache(recipe, train_file, tiny_xlmr_path, ti
     assert any(not torch.equal(a, b) for a, b in pairs)
 
 
+# ------------------------------------------------------------------------------------------------ LoRA, every engine
+def test_lora_with_gradcache_trains_and_saves_the_same_under_every_engine(train_file, tiny_qwen3_path, tmp_path):
+    """Qwen3 + LoRA + GradCache, 2 processes: DDP, FSDP2, ZeRO-2 and ZeRO-3 log the same losses and gradient norms
+    (each engine reduces once; the seeded LoRA init is the same on every rank and launch) and write the same merged
+    weights and adapter (gathered from the shards, written by rank 0)."""
+    from safetensors.torch import load_file
+
+    logged, merged, adapters = {}, {}, {}
+    for engine in ("multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+            continue
+        out = tmp_path / engine
+        _launch(
+            cpu_config(engine, tmp_path), str(ROOT / "recipes" / "qwen3_embedding.py"), *RECIPE_ARGS["qwen3_embedding"],
+            "--model_name_or_path", tiny_qwen3_path, "--train_data", str(train_file), "--output_dir", str(out),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--train_group_size", "2", "--mini_batch_size", "3",
+            "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
+            "--lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+        )  # fmt: skip
+        history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+        logged[engine] = [(h["loss"], h["grad_norm"]) for h in history if "loss" in h]
+        merged[engine] = load_file(out / "model.safetensors")
+        adapters[engine] = load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    reference = "multi_gpu"
+    assert len(logged[reference]) == 2 and adapters[reference]
+    for engine in logged:
+        assert logged[engine] == pytest.approx(logged[reference], rel=1e-4), engine
+        for saved in (merged, adapters):
+            assert saved[engine].keys() == saved[reference].keys(), engine
+            for key, value in saved[reference].items():
+                torch.testing.assert_close(saved[engine][key], value, rtol=1e-4, atol=1e-6, msg=f"{engine} {key}")
+
+
 def _check_flag_embedding_loads_trained_heads(out: Path, start_path: str) -> None:
     """The saved folder loads in FlagEmbedding; its heads are the trained ones (not fresh, not partial)."""
     flag_embedding = pytest.importorskip("FlagEmbedding")
@@ -227,9 +261,7 @@ def _check_flag_embedding_loads_trained_heads(out: Path, start_path: str) -> Non
         torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "engine", ["multi_gpu"]
-)  # ZeRO-2 passes too (`-k resume` with "deepspeed_zero2"), ~2 min more
+@pytest.mark.parametrize("engine", ["multi_gpu", "fsdp"])  # ZeRO-2 passes too (add "deepspeed_zero2"), ~2 min more
 def test_resume_under_an_engine_reproduces_the_uninterrupted_losses(engine, train_file, tiny_xlmr_path, tmp_path):
     """4 GradCache steps under 2 processes, checkpoints at 2 and 4; a second launch resumes from checkpoint-2 (model,
     optimizer, scheduler, each rank's RNG, the sampler's position) and logs the same losses at steps 3 and 4."""

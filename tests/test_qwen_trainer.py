@@ -156,6 +156,25 @@ def test_lora_trains_only_the_adapters(tiny_qwen3_path, tmp_path):
     assert trainable == {name for name in lora_keys if name in trainable} and trainable
 
 
+def test_fresh_lora_weights_follow_the_seed(tiny_qwen3_path, tmp_path):
+    """The model a config builds is seeded: the same `seed` gives the same LoRA init whatever ran before (every
+    launch and every rank; FSDP and ZeRO-3 shard each rank's own copy), another seed another init."""
+    data = write_ark(tmp_path / "train.jsonl", n=8)
+
+    def lora_init(seed, before):
+        torch.manual_seed(before)  # the global RNG state before the trainer is built must not matter
+        trainer = create_qwen_trainer(
+            dataset_paths=data, output_dir=str(tmp_path / f"out{seed}"), per_device_train_batch_size=4,
+            model_name_or_path=tiny_qwen3_path, lora=True, max_steps=1, train_group_size=2, **{**QUICK, "seed": seed},
+        )  # fmt: skip
+        return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k}
+
+    first, again, other = lora_init(7, before=1), lora_init(7, before=2), lora_init(8, before=1)
+    assert first and first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def training_time_embeddings(trainer, texts, instruction):
     """Embeddings as a training step computes them: the dataset's query format, the collator, the forward pass."""
     config = trainer.args

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ark_hf.callbacks.curriculum import CurriculumCallback
@@ -135,7 +135,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
                 "(query, passages, batch, step) embeddings and returns LossOutput(loss, components)"
             )
 
-        if model is None:
+        if model is None:  # seeded: fresh weights (LoRA, new heads) are the same in every run and on every rank
+            set_seed(args.seed)
             model = self.build_model(args)
         model = self.prepare_model(model, args)
         if processing_class is None:
