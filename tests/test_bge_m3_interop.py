@@ -17,6 +17,8 @@ import torch
 from ark_hf.losses.m3 import M3Loss
 from ark_hf.models.bge_m3 import COLBERT_FILE, SPARSE_FILE, BGEM3Model, MissingHeadsError
 
+pytestmark = pytest.mark.slow  # end-to-end runs (real training, saved folders loaded by other tools)
+
 flag_embedding = pytest.importorskip("FlagEmbedding")
 fe_modeling = pytest.importorskip("FlagEmbedding.finetune.embedder.encoder_only.m3.modeling")
 fe_runner = pytest.importorskip("FlagEmbedding.finetune.embedder.encoder_only.m3.runner")

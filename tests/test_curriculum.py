@@ -31,6 +31,8 @@ from ark_hf.data.samplers import RetrievalBatchSampler
 from ark_hf.data.schema import DataValidationError
 from ark_hf.models.decoder import DecoderEmbedder
 
+pytestmark = pytest.mark.slow  # end-to-end runs (real training, saved folders loaded by other tools)
+
 LEARNING_RATE = 2e-2
 TOTAL_STEPS = 6
 PLAN = """\
