@@ -426,6 +426,8 @@ def _xdev_worker(local_rank, port, out_dir, temperature):
         )
         res["distributed_type"] = str(state.distributed_type)
         torch.save(res, Path(out_dir) / f"rank{local_rank}.pt")
+        # Leave together: a rank that tears gloo down while its peer still talks aborts the peer (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -117,6 +117,8 @@ def _worker(local_rank: int, init_file: str, out_dir: str) -> None:
         ).sum().backward()
         results["gather_grad"] = shared.grad
         torch.save(results, Path(out_dir) / f"rank{local_rank}.pt")
+        # Leave together: a rank that tears gloo down while its peer still talks aborts the peer (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
