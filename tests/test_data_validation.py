@@ -358,7 +358,7 @@ BAD_LINES = [
         {},
         1,
         "positive",
-        "expected a non-empty string, got list",
+        "got a list; for lists of passages use the ark layout: rename 'positive' to 'pos'",
     ),
 ]
 
@@ -459,15 +459,24 @@ def test_all_errors_of_a_file_are_reported_in_order(workdir):
 
 
 def test_error_cap_stops_reading(workdir):
-    path = _write(workdir, ['{"query": "q", "pos": "a"}'] * 30)
+    path = _write(workdir, [f'{{"query": "q", "pos": ["a"], "neg_scores": {[0.5] * (i + 1)}}}' for i in range(30)])
     error = _load_error(path, max_errors=5)
     assert [issue.line for issue in error.issues] == [1, 2, 3, 4, 5]
     assert error.stopped_early
     message = str(error)
     assert message.splitlines()[0] == "training data failed validation (more than 5 errors):"
-    assert "Stopped at the max_errors cap (5)" in message
+    assert "Stopped after 5 errors (max_validation_errors=5)" in message
+    assert "Raise max_validation_errors (--max_validation_errors) to see more" in message
     assert f"{path}:6:" not in message
 
+
+def test_the_same_error_on_every_line_is_one_error_with_its_lines(workdir):
+    path = _write(workdir, ['{"query": "q", "pos": "a"}'] * 30)
+    error = _load_error(path, max_errors=5)
+    assert len(error.issues) == 1 and not error.stopped_early
+    assert "(and 29 more records, lines 2-30)" in str(error.issues[0])
+
+    path = _write(workdir, [f'{{"query": "q", "pos": ["a"], "neg_scores": {[0.5] * (i + 1)}}}' for i in range(30)])
     default = _load_error(path)
     assert len(default.issues) == 20 and default.stopped_early
 

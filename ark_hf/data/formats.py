@@ -281,4 +281,17 @@ def _from_sentence_transformers(obj: Mapping[str, Any], report: _Report) -> tupl
     negatives = [key for _, key in columns if obj[key] is not None]
     internal["neg"] = [obj[key] for key in negatives]
     field_names.update({f"neg[{index}]": key for index, key in enumerate(negatives)})
+    if isinstance(obj.get("positive"), list):
+        # lists of passages are the ark layout under sentence-transformers' names: one line says so, rather
+        # than one "expected a string" per column
+        renames = [
+            f"'{a}' to '{b}'" for a, b in (("positive", "pos"), ("negative", "neg"), ("anchor", "query")) if a in obj
+        ]
+        report(
+            "positive",
+            "expected one passage (a string: the sentence-transformers layout has one positive per row), got a "
+            f"list; for lists of passages use the ark layout: rename {', '.join(renames)}",
+        )
+        field_names.update({"pos": None, "pos[0]": None})
+        field_names.update({f"neg[{index}]": None for index in range(len(negatives))})
     return internal, field_names

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DATA_FILE_SUFFIXES", "TrainingSource", "load_training_records", "records_to_ir"]
+__all__ = ["DATA_FILE_SUFFIXES", "TrainingSource", "load_training_records", "missing_path_hint", "records_to_ir"]
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json")
 # compressed shards (`train.jsonl.gz`) are read through the standard library's decompressors
@@ -88,18 +88,48 @@ class _Source:
 
 
 class _IssueCollector:
-    """Keeps the first `max_errors` errors and notes whether there were more (then loading stops)."""
+    """Keeps the first `max_errors` distinct errors and notes whether there were more (then loading stops).
+
+    The same problem in many records of one file (same field, same message: a layout mistake made on every
+    line) is one error that counts its repeats, so the message says it once with the lines it covers, and the
+    other problems of the data still fit under the cap.
+    """
 
     def __init__(self, max_errors: int) -> None:
         self.max_errors = max_errors
-        self.errors: list[ValidationIssue] = []
         self.overflowed = False
+        self._errors: list[ValidationIssue] = []
+        self._repeats: dict[tuple[str, str | None, str], list[int]] = {}
 
     def add(self, issue: ValidationIssue) -> None:
-        if len(self.errors) < self.max_errors:
-            self.errors.append(issue)
+        key = (issue.source, issue.field, issue.message)
+        if issue.line and key in self._repeats:
+            self._repeats[key].append(issue.line)
+        elif len(self._errors) < self.max_errors:
+            self._errors.append(issue)
+            if issue.line:
+                self._repeats[key] = []
         else:
             self.overflowed = True
+
+    @property
+    def has_errors(self) -> bool:
+        return bool(self._errors)
+
+    @property
+    def errors(self) -> list[ValidationIssue]:
+        """The errors, each repeated one saying in how many more records (and which lines) it recurs."""
+        out = []
+        for issue in self._errors:
+            lines = self._repeats.get((issue.source, issue.field, issue.message)) or []
+            if lines:
+                span = f"line {lines[0]}" if len(lines) == 1 else f"lines {lines[0]}-{lines[-1]}"
+                noun = "record" if len(lines) == 1 else "records"
+                issue = ValidationIssue(
+                    issue.source, issue.line, issue.field, f"{issue.message} (and {len(lines)} more {noun}, {span})"
+                )
+            out.append(issue)
+        return out
 
 
 def load_training_records(
@@ -276,7 +306,7 @@ def _resolve_sources(sources: Any, source_names: Sequence[str] | None) -> tuple[
                 file_name = f"{name}/{relative}" if name is not None else file_location
                 resolved.append(_Source(location=file_location, name=file_name, path=Path(file_location)))
         elif not path.exists():
-            issues.append(ValidationIssue(location, 0, None, "no such file or folder"))
+            issues.append(ValidationIssue(location, 0, None, f"no such file or folder{missing_path_hint(path)}"))
         elif _data_suffix(path) is None:
             issues.append(
                 ValidationIssue(
@@ -291,6 +321,17 @@ def _resolve_sources(sources: Any, source_names: Sequence[str] | None) -> tuple[
         else:
             resolved.append(_Source(location=location, name=name if name is not None else location, path=path))
     return resolved, issues
+
+
+def missing_path_hint(path: str | os.PathLike) -> str:
+    """`" (did you mean 'data/train.jsonl'?)"` naming the closest entry of a missing path's folder, or `""`."""
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        return ""
+    names = [entry.name for entry in folder.iterdir() if not entry.name.startswith(".")]
+    close = difflib.get_close_matches(target.name, names, n=1, cutoff=0.6)
+    return f" (did you mean '{folder / close[0]}'?)" if close else ""
 
 
 def _data_suffix(path: Path) -> tuple[str, str | None] | None:
@@ -411,7 +452,7 @@ def _load_source(
             dropped_negatives += len(warnings)
             records_with_dropped.append(line)
         # Once the data is known to be bad, keeping records would only cost memory.
-        if record is not None and not collector.errors:
+        if record is not None and not collector.has_errors:
             if source.name != source.location:
                 record["source"] = source.name
                 record["id"] = f"{source.name}:{line}"
@@ -524,7 +565,13 @@ def _iter_dataset(dataset: Any) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_file(path: Path, location: str) -> Iterator[tuple[int, Any]]:
-    """Yield `(line, parsed object)` or `(line, ValidationIssue)` for each non-blank line of a data file."""
+    """Yield `(line, parsed object)` or `(line, ValidationIssue)` for each non-blank line of a data file.
+
+    A file in another encoding than UTF-8 is one issue naming the encoding (a UTF-16/32 byte-order mark, or
+    Latin-1 bytes) and how many lines it spoils; a file that is one JSON document spread over many lines (an
+    array, an object wrapping the records, pretty-printed records) is one issue naming that format, not one
+    "invalid JSON" per line.
+    """
     try:
         # Opened outside the `with` so that a failure to open is told apart from errors while reading.
         handle = _open_data_file(path)
@@ -534,39 +581,65 @@ def _iter_file(path: Path, location: str) -> Iterator[tuple[int, Any]]:
     line = 0
     with handle:
         try:
+            wide = _wide_encoding(handle)
+            if wide is not None:
+                yield 1, ValidationIssue(
+                    location, 1, "<encoding>", f"the file is {wide}, not UTF-8; save it as UTF-8 (e.g. iconv -f "
+                    f"{wide.split()[0]} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix})"
+                )  # fmt: skip
+                return
             suffix = _data_suffix(path)
             if suffix is not None and suffix[0] == ".json" and _starts_with_array(handle):
                 yield from _iter_json_array(handle, location)
                 return
+            bad_lines: list[int] = []
+            first_bad: tuple[bytes, UnicodeDecodeError] | None = None
+            first_value = True
             # Binary lines, decoded one at a time, so a bad byte is reported on its own line and the rest of
             # the file is still checked; iterating the handle streams without loading the file.
             for line, raw in enumerate(handle, start=1):
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    yield (
-                        line,
-                        ValidationIssue(
-                            location,
-                            line,
-                            "<encoding>",
-                            f"invalid UTF-8 at byte {error.start + 1} of the line ({error.reason})",
-                        ),
-                    )
+                    bad_lines.append(line)
+                    first_bad = first_bad or (raw, error)
                     continue
                 if line == 1:
                     text = text.removeprefix("\ufeff")
                 if not text.strip():
                     continue
                 try:
-                    yield line, json.loads(text, object_pairs_hook=_object_pairs)
+                    value = json.loads(text, object_pairs_hook=_object_pairs)
                 except json.JSONDecodeError as error:
+                    if first_value and text.lstrip()[:1] in ("{", "[") and error.pos >= len(text.rstrip()):
+                        # the first value does not end on its line: the file is one document, not JSON Lines
+                        yield line, _whole_document_issue(path, location, line)
+                        return
                     yield (
                         line,
                         ValidationIssue(
                             location, line, "<json>", f"invalid JSON: {error.msg} at column {error.colno}"
                         ),
                     )
+                    first_value = False
+                    continue
+                if first_value and isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+                    yield line, ValidationIssue(
+                        location, line, "<format>", f"line {line} holds a JSON array of {len(value)} objects, not "
+                        "one record; JSON Lines holds one record (object) per line: write one per line, or name "
+                        "the file .json (a .json file may hold one array of records)"
+                    )  # fmt: skip
+                    return
+                first_value = False
+                yield line, value
+            if first_bad is not None:
+                raw, error = first_bad
+                more = f"; {len(bad_lines)} lines are not UTF-8 (lines {bad_lines[0]}-{bad_lines[-1]})"
+                yield bad_lines[0], ValidationIssue(
+                    location, bad_lines[0], "<encoding>",
+                    f"invalid UTF-8 at byte {error.start + 1} of the line ({error.reason}){_guess_encoding(raw, error)}"
+                    f"{more if len(bad_lines) > 1 else ''}",
+                )  # fmt: skip
         except _DECOMPRESSION_ERRORS as error:
             yield (
                 line + 1,
@@ -578,6 +651,75 @@ def _iter_file(path: Path, location: str) -> Iterator[tuple[int, Any]]:
                     "the file is truncated or corrupt",
                 ),
             )
+
+
+# byte-order marks of the encodings that no UTF-8 reader can read line by line (longest first)
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32 (little-endian, with a byte-order mark)"),
+    (codecs.BOM_UTF32_BE, "UTF-32 (big-endian, with a byte-order mark)"),
+    (codecs.BOM_UTF16_LE, "UTF-16 (little-endian, with a byte-order mark FF FE)"),
+    (codecs.BOM_UTF16_BE, "UTF-16 (big-endian, with a byte-order mark FE FF)"),
+)
+
+
+def _wide_encoding(handle: IO[bytes]) -> str | None:
+    """The name of a UTF-16/UTF-32 encoding the file is in (byte-order mark, or NUL bytes between ASCII); rewinds."""
+    head = handle.read(4096)
+    handle.seek(0)
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return name
+    if len(head) >= 4 and head.count(0) >= len(head) // 3:
+        return "UTF-16 (no byte-order mark: every other byte is 0)"
+    return None
+
+
+def _guess_encoding(raw: bytes, error: UnicodeDecodeError) -> str:
+    """`"; the file looks Latin-1 ..."` when the bad bytes read as Latin-1 / Windows-1252 text, else `""`."""
+    byte = raw[error.start]
+    try:
+        shown = raw[error.start : error.start + 1].decode("cp1252")
+    except UnicodeDecodeError:
+        return f" (byte 0x{byte:02X})"
+    return (
+        f" (byte 0x{byte:02X}, '{shown}' in Latin-1); the file looks Latin-1 (ISO-8859-1 / Windows-1252) encoded: "
+        "save it as UTF-8 (e.g. iconv -f latin1 -t UTF-8)"
+    )
+
+
+def _whole_document_issue(path: Path, location: str, line: int) -> ValidationIssue:
+    """The one issue of a file that holds a single JSON document spread over lines, naming what it holds."""
+    with _open_data_file(path) as handle:
+        data = handle.read()
+    try:
+        document = json.loads(data.decode("utf-8").removeprefix("\ufeff"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f"line {error.lineno}: {error.msg}" if isinstance(error, json.JSONDecodeError) else error.reason
+        return ValidationIssue(
+            location, line, "<format>", f"the JSON value that starts on line {line} spans several lines ({where}); "
+            "JSON Lines holds one record per line, each on one line (is the file pretty-printed?)"
+        )  # fmt: skip
+    lines = data.count(b"\n") + 1
+    if isinstance(document, list):
+        what = f"one JSON array of {len(document)} elements over {lines} lines"
+        fix = "name the file .json (a .json file may hold one array of records) or write one record per line"
+        if path.suffix.lower() == ".json" or _data_suffix(path) == (".json", path.suffix.lower()):
+            fix = "write one record per line"
+    elif isinstance(document, dict) and {"queries", "corpus", "qrels"} <= set(document):
+        what = "an evaluation set {queries, corpus, qrels}"
+        fix = "pass it as eval_data, not as training data"
+    elif isinstance(document, dict):
+        lists = [(k, v) for k, v in document.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        if lists:
+            key, records = max(lists, key=lambda item: len(item[1]))
+            what = f"one JSON object wrapping {len(records)} records under the key '{key}'"
+            fix = f"write the records of '{key}' one per line (.jsonl) or as a JSON array (.json)"
+        else:
+            what = f"one JSON object over {lines} lines (keys {', '.join(repr(k) for k in list(document)[:5])})"
+            fix = "write one record per line (.jsonl), or a JSON array of records (.json)"
+    else:
+        what, fix = f"one JSON {type(document).__name__}", "write one record per line"
+    return ValidationIssue(location, 0, None, f"the file is {what}, not JSON Lines (one record per line); {fix}")
 
 
 def _starts_with_array(handle: IO[bytes]) -> bool:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "MAX_TEACHER_SCORE",
     "RECORD_FIELDS",
     "DataValidationError",
     "ValidationIssue",
@@ -41,6 +42,10 @@ __all__ = [
 
 # Callback that records one issue: `report(field, message)`.
 _Report = Callable[[str, str], None]
+
+# Largest teacher score accepted: rerankers give logits within a few hundred or probabilities; float16 overflows at
+# 65504, so anything near that is a bug in the scoring, not a score.
+MAX_TEACHER_SCORE = 1e4
 
 # Keys of a validated record, in the order they are built.
 RECORD_FIELDS = (
@@ -95,13 +100,20 @@ class DataValidationError(ValueError):
         issues: the problems found, in file order.
         max_shown: how many issues the message spells out (all of them when `None`).
         stopped_early: the loader found more errors than its cap and did not check the rest of the data.
+        what: what failed, for the first line (`"evaluation data"` when an evaluation set is read).
     """
 
     def __init__(
-        self, issues: Sequence[ValidationIssue], *, max_shown: int | None = 20, stopped_early: bool = False
+        self,
+        issues: Sequence[ValidationIssue],
+        *,
+        max_shown: int | None = 20,
+        stopped_early: bool = False,
+        what: str = "training data",
     ) -> None:
         self.issues = list(issues)
         self.stopped_early = stopped_early
+        self.what = what
         super().__init__(self._format(max_shown))
 
     def _format(self, max_shown: int | None) -> str:
@@ -109,14 +121,14 @@ class DataValidationError(ValueError):
         shown = self.issues if max_shown is None else self.issues[:max_shown]
         noun = "error" if total == 1 else "errors"
         count = f"more than {total} errors" if self.stopped_early else f"{total} {noun}"
-        lines = [f"training data failed validation ({count}):"]
+        lines = [f"{self.what} failed validation ({count}):"]
         lines.extend(f"  {issue}" for issue in shown)
         if len(shown) < total:
             lines.append(f"  ... and {total - len(shown)} more")
         if self.stopped_early:
             lines.append(
-                f"Stopped at the max_errors cap ({total}): the rest of the data was not checked. "
-                "Raise max_errors to see more."
+                f"Stopped after {total} errors (max_validation_errors={total}): the rest of the data was not "
+                "checked. Raise max_validation_errors (--max_validation_errors) to see more."
             )
         else:
             lines.append(f"{total} {noun} in total.")
@@ -195,6 +207,14 @@ def _check_scores(
         elif not math.isfinite(score):
             # json.loads accepts the non-standard tokens NaN and Infinity, so they do reach us.
             issue(f"{field}[{index}]", f"expected a finite number, got {float(score)}")
+            ok = False
+        elif abs(score) > MAX_TEACHER_SCORE:
+            issue(
+                f"{field}[{index}]",
+                f"teacher score {float(score):g} is out of range (|score| <= {MAX_TEACHER_SCORE:g}): teacher scores "
+                "are a reranker's logits or probabilities; a value this large overflows half precision (or, beyond "
+                "3.4e38, float32) and turns the loss into NaN. Check how the scores were computed",
+            )
             ok = False
     return [float(score) for score in value] if ok else None
 

@@ -33,12 +33,13 @@ from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from ark_hf.utils.cli import ConfigError, did_you_mean
+from ark_hf.utils.cli import ConfigError, describe_key, did_you_mean
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "ModelFileError",
+    "ModelNotFoundError",
     "TokenizerError",
     "check_accelerate_config",
     "check_batches",
@@ -47,7 +48,9 @@ __all__ = [
     "check_config_values",
     "check_eval_data",
     "check_metric_for_best_model",
+    "check_model_exists",
     "check_model_folder",
+    "check_resume_checkpoint",
     "check_safetensors_file",
     "check_tokenizer",
     "check_training_happened",
@@ -78,6 +81,11 @@ class ModelFileError(ValueError):
     """A model file (weights, head, `m3_heads.json`, checkpoint) is unreadable or not what the model needs."""
 
 
+class ModelNotFoundError(ValueError):
+    """`model_name_or_path` (or `ark-hf eval MODEL`) names neither a local model folder nor a model the Hub or its
+    cache holds."""
+
+
 class TokenizerError(ValueError):
     """The tokenizer cannot belong to the model (far too small, or it turns text into unknown/no tokens)."""
 
@@ -101,13 +109,35 @@ def check_config_values(args: Any) -> None:
     for key, ok, rule in checks:
         value = getattr(args, key, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
-            raise ConfigError(f"key '{key}': {rule}, got {value}")
+            raise ConfigError(f"{describe_key(key)}: {rule}, got {value}")
+    check_eval_modes(args)
     max_steps = getattr(args, "max_steps", -1)
     epochs = getattr(args, "num_train_epochs", 1)
     if (max_steps is None or max_steps <= 0) and epochs <= 0 and not getattr(args, "curriculum", None):
         raise ConfigError(
             f"key 'num_train_epochs': {epochs} with max_steps unset trains zero steps; set num_train_epochs > 0 "
             "or max_steps > 0"
+        )
+
+
+def check_eval_modes(args: Any) -> None:
+    """Refuse an unknown evaluation mode (with a "did you mean"); warn when `eval_modes` is set without `eval_data`."""
+    from ark_hf.evaluation.ir import MODES
+
+    modes = getattr(args, "eval_modes", None)
+    if not modes or not hasattr(args, "eval_data"):
+        return
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(
+                f"key 'eval_modes': unknown evaluation mode '{mode}'{did_you_mean(mode, MODES)}; the modes are "
+                f"{', '.join(MODES)}"
+            )
+    if not args.eval_data and list(modes) != ["dense"]:
+        logger.warning(
+            "eval_modes=%s has no effect: there is no eval_data to evaluate (set eval_data to a JSON file, a BEIR "
+            "folder or training records)",
+            list(modes),
         )
 
 
@@ -386,18 +416,70 @@ def check_tokenizer(tokenizer: Any, *, vocab_size: int | None = None, folder: st
         )
 
 
+def check_model_exists(name: str, key: str = "model_name_or_path") -> None:
+    """The one check for "model not found": `name` must be a local folder, or a Hub name that the Hub (or, offline,
+    the local cache) can serve.
+
+    A name that looks like a path (`./m`, `/m`, `~/m`, `a/b/c`, `m/`) must be a folder; a name that does not is taken
+    for a Hub repository and, with `HF_HUB_OFFLINE=1`, must be in the cache. Online Hub names are left to
+    `check_model_folder`, which turns the Hub's answer into the same error.
+
+    Raises:
+        ModelNotFoundError: naming `key`, what was looked for, and the closest local folder when there is one.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from ark_hf.data.loading import missing_path_hint
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{key} '{name}': is a file; expected a model folder (config.json, weights) or a Hub name"
+        )
+    looks_local = (
+        name.startswith((".", "/", "~"))
+        or name.endswith("/")
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    )
+    if looks_local:
+        raise ModelNotFoundError(f"{key} '{name}': no such model folder{missing_path_hint(path)}")
+    if constants.HF_HUB_OFFLINE:
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a valid repository id either
+            cached = None
+        if not isinstance(cached, str):
+            raise ModelNotFoundError(
+                f"{key} '{name}': neither a local folder{missing_path_hint(path)} nor a model in the Hugging Face "
+                "cache, and HF_HUB_OFFLINE=1 keeps the Hub from being asked; pass the path of a model folder, or "
+                "download the model first"
+            )
+
+
 def check_model_folder(name: str, *, trust_remote_code: bool = False) -> Any:
     """Load a model's config and tokenizer (no weights), check the tokenizer and the weight files.
 
     Returns:
         The model's `PretrainedConfig` (None for adapter-only folders, whose base model is checked on load).
+
+    Raises:
+        ModelNotFoundError: no such folder, or a Hub name the Hub or its cache does not hold.
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    check_model_exists(name)
     folder = name if os.path.isdir(name) else None
     if folder is not None and (Path(folder) / "adapter_config.json").is_file():
         return None
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as error:  # the Hub has no such repository, or cannot be reached
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"model_name_or_path '{name}': cannot be loaded ({reason})") from error
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     check_tokenizer(tokenizer, vocab_size=getattr(config, "vocab_size", None), folder=folder)
     if folder is not None:
@@ -407,29 +489,49 @@ def check_model_folder(name: str, *, trust_remote_code: bool = False) -> Any:
 
 # ------------------------------------------------------------------------------------------------- data
 def check_eval_data(path: str | os.PathLike) -> tuple[dict, dict, dict]:
-    """Read and validate the evaluation set (`queries`/`corpus`/`qrels` JSON or training-record jsonl)."""
-    if str(path).endswith(".json"):
-        from ark_hf.evaluation.ir import load_ir_data
+    """Read and validate the evaluation set, in any layout `ark_hf.evaluation.data.load_eval_set` recognises."""
+    from ark_hf.evaluation.data import load_eval_set
 
-        return load_ir_data(path)
-    from ark_hf.data.loading import load_training_records, records_to_ir
-
-    return records_to_ir(load_training_records(path))
+    return load_eval_set(path)
 
 
 def check_dataset_instructions(records: Sequence[dict], instructions: dict | None) -> None:
-    """Refuse `dataset_instructions` keys that match no training file (they would silently never apply)."""
-    if not instructions:
-        return
-    from ark_hf.data.dataset import unmatched_instruction_keys
+    """Refuse `dataset_instructions` keys that match no source of `records` (they would silently never apply)."""
+    from ark_hf.data.checks import check_name_keyed_settings
 
-    unmatched, names = unmatched_instruction_keys(records, instructions)
-    if unmatched:
+    sources = sorted({str(record.get("source", "")) for record in records})
+    check_name_keyed_settings({"dataset_instructions": instructions}, sources)
+
+
+def check_resume_checkpoint(resume: str, output_dir: str | None) -> None:
+    """Refuse a `resume_from_checkpoint` folder that is not a checkpoint (no `trainer_state.json`): the Trainer
+    would fail only after the model loaded, or start from the wrong state."""
+    folder = Path(resume)
+    if not folder.is_dir():
+        from ark_hf.data.loading import missing_path_hint
+
         raise ConfigError(
-            f"key 'dataset_instructions': {', '.join(repr(k) for k in unmatched)} match(es) no training file; "
-            f"the files are {', '.join(names)} (a key is a path as given, a file name, or a file name without "
-            "its extension)"
+            f"key 'resume_from_checkpoint': {resume} is not a checkpoint folder{missing_path_hint(folder)}"
         )
+    if (folder / "trainer_state.json").is_file():
+        return
+    found = (
+        sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: p.name)
+        if output_dir and Path(output_dir).is_dir()
+        else []
+    )
+    inside = sorted(folder.glob("checkpoint-*"), key=lambda p: p.name)
+    if inside:
+        hint = (
+            f"; it holds {', '.join(p.name for p in inside[-3:])}: pass one of those (or resume_from_checkpoint: true)"
+        )
+    elif found:
+        hint = f"; the checkpoints of output_dir are {', '.join(str(p) for p in found[-3:])}"
+    else:
+        hint = "; a checkpoint is a checkpoint-N folder that a run wrote into its output_dir"
+    raise ConfigError(
+        f"key 'resume_from_checkpoint': {resume} is not a checkpoint of a run (it has no trainer_state.json){hint}"
+    )
 
 
 def _paths(value: Any) -> list[str]:
@@ -445,7 +547,9 @@ def preflight(config: Any, trainer_cls: type | None = None) -> list[dict] | None
     """Every check that needs no model weights, in the order a user would want the errors; then the lock.
 
     Order: config values, the output directory (lock, emptiness, not inside the model or data folder), the
-    checkpoint to resume, the training data (validated, instruction keys, enough for one batch), the
+    checkpoint to resume (a folder with `trainer_state.json`), the name-keyed settings against the data files
+    (`ark_hf.data.checks`), the training data (validated; every group fillable; enough for one batch; under a
+    curriculum, every stage's data), the
     evaluation data and `metric_for_best_model`, the model's config, tokenizer and weight files, and whether
     the checkpoint belongs to that model. Nothing is written until all pass; then the output directory's lock
     is taken (held until the process exits).
@@ -474,19 +578,38 @@ def preflight(config: Any, trainer_cls: type | None = None) -> list[dict] | None
         model_path=model_path,
         data_paths=[*train_data, *_paths(eval_data)],
     )
-    if isinstance(resume, str) and not os.path.isdir(resume):
-        raise ConfigError(f"key 'resume_from_checkpoint': {resume} is not a checkpoint folder")
+    if isinstance(resume, str):
+        check_resume_checkpoint(resume, config.output_dir)
 
+    from ark_hf.data.checks import check_group_feasibility, check_name_keyed_settings, data_file_names
+    from ark_hf.data.loading import load_training_records
+
+    require = trainer_cls.uses_teacher_scores(config) if trainer_cls is not None else False
+    max_errors = getattr(config, "max_validation_errors", 20)
+    group_size = getattr(config, "train_group_size", 1)
     records = None
     if train_data:
-        from ark_hf.data.loading import load_training_records
-
-        require = trainer_cls.uses_teacher_scores(config) if trainer_cls is not None else False
-        records = load_training_records(
-            train_data, require_teacher_scores=require, max_errors=getattr(config, "max_validation_errors", 20)
-        )
-        check_dataset_instructions(records, getattr(config, "dataset_instructions", None))
+        check_name_keyed_settings(config, data_file_names(train_data))
+        records = load_training_records(train_data, require_teacher_scores=require, max_errors=max_errors)
+        check_group_feasibility(records, group_size, use_teacher_scores=require)
         check_batches(len(records), config)
+    elif getattr(config, "curriculum", None):
+        from ark_hf.curriculum.plan import load_stage_plan
+
+        stages = [stage for stage in load_stage_plan(config.curriculum) if not stage.is_merge]
+        check_name_keyed_settings(
+            config, data_file_names(p for stage in stages for p in stage.datasets), where="the curriculum's stages"
+        )
+        for stage in stages:  # read here too, so that nothing is written before every stage's data passed
+            stage_records = load_training_records(
+                list(stage.datasets), require_teacher_scores=require, max_errors=max_errors
+            )
+            check_group_feasibility(
+                stage_records,
+                stage.train_group_size or group_size,
+                use_teacher_scores=require,
+                where=f"stage '{stage.name}'",
+            )
     if eval_data:
         check_eval_data(eval_data)
     computed = metric_keys(getattr(config, "eval_modes", ["dense"])) if eval_data else set()
@@ -543,7 +666,12 @@ def check_before_training(trainer: Any, resume_from_checkpoint: Any = None) -> N
     )
     dataset = trainer.train_dataset
     if isinstance(dataset, TrainGroupDataset) and getattr(trainer, "curriculum", None) is None:
+        from ark_hf.data.checks import check_group_feasibility
+
         check_dataset_instructions(dataset.records, dataset.dataset_instructions)
+        check_group_feasibility(
+            dataset.records, dataset.train_group_size, use_teacher_scores=dataset.use_teacher_scores
+        )
         check_batches(len(dataset), args, world_size=trainer.accelerator.num_processes)
     computed: set[str] | None = set()
     for evaluator in trainer.evaluators:
@@ -576,9 +704,24 @@ def check_training_happened(trainer: Any) -> None:
         raise NonFiniteLossError(
             f"every one of the {counter.micro_batches} batches of this run had a non-finite loss and was skipped "
             f"(nan_policy='skip'): nothing was trained, and checkpoints in {trainer.args.output_dir} hold the "
-            "starting weights. Lower the learning rate, check the data, or use nan_policy='stop' to see the first "
-            "bad batch"
+            f"starting weights. The data read: {_data_read(trainer)}. Lower the learning rate, check that data "
+            "(teacher scores, empty texts), or use nan_policy='stop' to see the first bad batch"
         )
+
+
+def _data_read(trainer: Any) -> str:
+    """The data files (or dataset names) a trainer trained on, for messages."""
+    stream = getattr(trainer, "curriculum_stream", None)
+    if stream is not None:
+        datasets = [d for stage in stream.plan.stages for d in stage.datasets]
+        if datasets:
+            return ", ".join(dict.fromkeys(datasets))
+    records = getattr(trainer.train_dataset, "records", None) or []
+    sources = list(dict.fromkeys(str(r.get("source")) for r in records if r.get("source") is not None))
+    if sources:
+        return ", ".join(sources[:10]) + (f", ... ({len(sources)} in all)" if len(sources) > 10 else "")
+    train_data = _paths(getattr(trainer.args, "train_data", None))
+    return ", ".join(train_data) if train_data else "the train_dataset passed to the trainer"
 
 
 class OutputDirError(FileExistsError):
