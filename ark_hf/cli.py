@@ -87,29 +87,29 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _load_eval_set(path: str) -> tuple[dict, dict, dict]:
-    from ark_hf.evaluation.ir import load_ir_data
-
-    if path.endswith(".json") and not Path(path).is_dir():
-        with open(path, encoding="utf-8") as handle:
-            head = handle.read(1)
-        if head == "{":
-            return load_ir_data(path)
-    from ark_hf.data.loading import load_training_records, records_to_ir
-
-    return records_to_ir(load_training_records(path))
-
-
 def _eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from ark_hf.evaluation.data import load_eval_set
     from ark_hf.evaluation.ir import METRICS, MODES, IREvaluator
     from ark_hf.mining import load_mining_model
+    from ark_hf.utils.cli import did_you_mean
+    from ark_hf.utils.preflight import ModelNotFoundError, check_model_exists
 
     if rest:
         raise ValueError(f"unknown arguments: {' '.join(rest)}")
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"output {args.output} exists; pass --overwrite to replace it")
-    queries, corpus, qrels = _load_eval_set(args.data)  # checked before the model loads
-    model = load_mining_model(args.model, args.model_type, args.device)
+    for mode in args.modes or []:
+        if mode not in MODES:
+            raise ValueError(
+                f"--modes: unknown evaluation mode '{mode}'{did_you_mean(mode, MODES)}; the modes are {', '.join(MODES)}"
+            )
+    queries, corpus, qrels = load_eval_set(args.data, split=args.split)  # checked before the model loads
+    check_model_exists(args.model, "model")
+    try:
+        model = load_mining_model(args.model, args.model_type, args.device)
+    except OSError as error:  # the Hub has no such repository, or cannot be reached
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"model '{args.model}': cannot be loaded ({reason})") from error
     modes = args.modes or (list(MODES) if getattr(model, "has_heads", False) else ["dense"])
     evaluator = IREvaluator(
         queries, corpus, qrels, modes=modes, query_instruction=args.query_instruction,
@@ -209,7 +209,12 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", parents=[debug], help="Evaluate a saved model on an evaluation set.")
     evaluate.add_argument("model", help="A saved ark_hf folder or a Hub name.")
-    evaluate.add_argument("--data", required=True, help="JSON {queries, corpus, qrels} or training-record jsonl.")
+    evaluate.add_argument(
+        "--data", required=True,
+        help="Evaluation set: JSON {queries, corpus, qrels}, a BEIR folder (corpus.jsonl, queries.jsonl, qrels/), "
+        "or training records (.jsonl, a .json array, or a folder).",
+    )  # fmt: skip
+    evaluate.add_argument("--split", default="test", help="qrels split of a BEIR folder (qrels/<split>.tsv).")
     evaluate.add_argument("--modes", nargs="+", help="Scoring modes (default: all five with M3 heads, else dense).")
     evaluate.add_argument("--output", help="Write the metrics as JSON here.")
     evaluate.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")

@@ -41,7 +41,7 @@ import yaml
 from transformers.trainer_utils import SaveStrategy
 
 from ark_hf.losses.qwen3 import QWEN3_LOSS_OPTION_TYPES as LOSS_OPTION_TYPES
-from ark_hf.utils.cli import ConfigError
+from ark_hf.utils.cli import ConfigError, did_you_mean
 
 __all__ = ["CurriculumPlan", "MergeSpec", "Stage", "StagePlanError", "load_stage_plan", "parse_stages"]
 
@@ -294,7 +294,9 @@ def _parse_stage(raw: Any, index: int, problems: _Problems) -> Stage | None:
         if not isinstance(entry, (str, os.PathLike)) or not str(entry):
             problems.add(where, f"key 'datasets': expected a path, got {entry!r}")
         elif not Path(entry).exists():
-            problems.add(where, f"key 'datasets': no such file or folder: {entry}")
+            from ark_hf.data.loading import missing_path_hint
+
+            problems.add(where, f"key 'datasets': no such file or folder: {entry}{missing_path_hint(entry)}")
     steps, epochs = raw.get("steps"), raw.get("epochs")
     if (steps is None) == (epochs is None):
         problems.add(path, "give exactly one of 'steps' (optimizer steps) and 'epochs' (passes over the stage's data)")
@@ -366,7 +368,8 @@ def parse_stages(raw_stages: Any, source: str = "<stages>", lines: Mapping[tuple
         if source_name is not None and source_name not in [s.name for s in stages[:index] if not s.is_merge]:
             problems.add(
                 ("stages", index, "merge", "from_stage"),
-                f"key 'from_stage': no data stage named '{source_name}' before the merge",
+                f"key 'from_stage': no data stage named '{source_name}' before the merge"
+                f"{did_you_mean(source_name, [s.name for s in stages[:index] if not s.is_merge])}",
             )
     problems.raise_if_any()
     return stages

@@ -123,6 +123,13 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
             stage_records = self._load_stage_records(self.curriculum, args)
         else:
             train_dataset = self._validated_records(train_dataset, args)
+            if isinstance(train_dataset, list):  # settings that name files, and groups, checked before weights load
+                from ark_hf.data.checks import check_group_feasibility
+
+                preflight.check_dataset_instructions(train_dataset, args.dataset_instructions)
+                check_group_feasibility(
+                    train_dataset, args.train_group_size, use_teacher_scores=self.uses_teacher_scores(args)
+                )
         if evaluator is None and args.eval_data:
             evaluator = self.build_evaluator(args)
         self.evaluators: list[Evaluator] = (
@@ -251,15 +258,10 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         )
 
     def build_evaluator(self, args: TrainingArguments) -> Evaluator:
-        from ark_hf.evaluation.ir import IREvaluator, load_ir_data
+        from ark_hf.evaluation.data import load_eval_set
+        from ark_hf.evaluation.ir import IREvaluator
 
-        path = args.eval_data
-        if str(path).endswith(".json"):
-            queries, corpus, qrels = load_ir_data(path)
-        else:
-            from ark_hf.data.loading import load_training_records, records_to_ir
-
-            queries, corpus, qrels = records_to_ir(load_training_records(path))
+        queries, corpus, qrels = load_eval_set(args.eval_data)
         return IREvaluator(
             queries,
             corpus,
@@ -385,6 +387,19 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
                 records.append([])
         if issues:
             raise DataValidationError(issues, max_shown=None)
+        from ark_hf.data.checks import check_group_feasibility, check_name_keyed_settings
+
+        check_name_keyed_settings(
+            args, sorted({str(r.get("source")) for stage in records for r in stage}), where="the curriculum's stages"
+        )
+        for stage, stage_records in zip(curriculum.stages, records):
+            if not stage.is_merge:
+                check_group_feasibility(
+                    stage_records,
+                    stage.train_group_size or args.train_group_size,
+                    use_teacher_scores=self.uses_teacher_scores(args),
+                    where=f"stage '{stage.name}'",
+                )
         return records
 
     def _bind_curriculum(self, stage_records: list[list[dict]]) -> None:

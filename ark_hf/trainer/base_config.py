@@ -157,8 +157,9 @@ class RetrieverConfig(TrainingArguments):
     eval_data: str | None = field(
         default=None,
         metadata={
-            "help": "Evaluation set: a JSON file with 'queries', 'corpus', 'qrels', or a jsonl of training records "
-            "(corpus = their passages, qrels = their positives)."
+            "help": "Evaluation set: a JSON file with 'queries', 'corpus', 'qrels'; a BEIR folder (corpus.jsonl, "
+            "queries.jsonl, qrels/test.tsv; or the path of qrels/<split>.tsv for another split); or training records "
+            "(.jsonl, a .json array, or a folder: corpus = their passages, qrels = their positives)."
         },
     )
     eval_modes: list[str] = field(

@@ -130,12 +130,41 @@ def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
 
 
 def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
-    """`" (did you mean 'x'?)"` for the closest candidate, or `""` (separators `-`/`_` ignored)."""
+    """`" (did you mean 'x'?)"` for the closest candidate, or `""` (separators `-`/`_` ignored).
+
+    A name whose words all occur in a candidate's, in order, suggests the shortest such candidate
+    (`max_errors` -> `max_validation_errors`), when spelling alone finds nothing.
+    """
     candidates = list(candidates)
     key = str(name).lstrip("-").replace("-", "_")
     exact = [c for c in candidates if c.replace("_", "") == key.replace("_", "")]
     close = exact or difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
+    if not close and key.count("_") >= 1:
+        words = key.split("_")
+        close = sorted((c for c in candidates if _words_in_order(words, str(c).split("_"))), key=len)[:1]
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _words_in_order(words: list[str], candidate: list[str]) -> bool:
+    remaining = iter(candidate)
+    return all(word in remaining for word in words)
+
+
+# words a user searches for, said next to the option's name in messages
+KEY_WORDS = {
+    "learning_rate": "the learning rate",
+    "per_device_train_batch_size": "the training batch size per device",
+    "per_device_eval_batch_size": "the evaluation batch size per device",
+    "num_train_epochs": "the number of epochs",
+    "weight_decay": "the weight decay",
+    "gradient_accumulation_steps": "the gradient accumulation steps",
+}
+
+
+def describe_key(key: str) -> str:
+    """`"key 'learning_rate' (the learning rate)"`: the option's name, with the words for it where they differ."""
+    words = KEY_WORDS.get(key)
+    return f"key '{key}' ({words})" if words else f"key '{key}'"
 
 
 def _float_string(value: Any) -> float | None:
@@ -195,7 +224,9 @@ def load_yaml_config(path: str | Path, config_cls: type) -> dict[str, Any]:
             ok = isinstance(value, allowed) or (list in allowed and not isinstance(value, dict))
         if not ok:
             expected = " or ".join(sorted({t.__name__ for t in allowed}))
-            problems.append(f"{where}: key '{key}': expected {expected}, got {type(value).__name__} ({value!r})")
+            problems.append(
+                f"{where}: {describe_key(key)}: expected {expected}, got {type(value).__name__} ({value!r})"
+            )
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 
