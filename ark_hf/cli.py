@@ -1,8 +1,8 @@
 """The `ark-hf` command (also `python -m ark_hf`).
 
 ```bash
-ark-hf train bge-m3 --config recipes/configs/bge_m3_unified_self_distill.yaml --train_data data/train.jsonl --output_dir out/m3
-ark-hf train qwen3 --config recipes/configs/qwen3_full.yaml --train_data data/train.jsonl --output_dir out/qwen3
+ark-hf train bge-m3 --config bge_m3_unified_self_distill --train_data data/train.jsonl --output_dir out/m3
+ark-hf train qwen3 --config qwen3_full --train_data data/train.jsonl --output_dir out/qwen3
 ark-hf eval out/m3 --data data/dev.jsonl --output out/m3/dev_metrics.json
 ark-hf mine --data data/train.jsonl --model out/m3 --output data/train_mined.jsonl --relative_margin 0.05
 ark-hf score --input_file data/train.jsonl --output_file data/train.align.jsonl --lm_name_or_path Qwen/Qwen2.5-7B-Instruct --rebuild_output data/train.ark.jsonl
@@ -10,7 +10,8 @@ ark-hf merge out/qwen3/checkpoint-1000 out/qwen3/checkpoint-2000 --output_dir ou
 ark-hf card out/m3 --model_id user/my-m3
 ```
 
-`train` runs the recipes' own code path (`recipes/bge_m3.py`, `recipes/qwen3_embedding.py`) with the same flags;
+`train` runs the recipes (`ark_hf.recipes.bge_m3`, `ark_hf.recipes.qwen3_embedding`) with the same flags; `--config`
+takes a shipped config's name (`ark_hf/recipes/configs/`) or a YAML path;
 `score` is `recipes/compute_alignment.py` (ARK triple alignment, `ark_hf.alignment.pipeline.compute_alignment`).
 Mistakes in the data, the config or the output folder print the message alone and exit with status 2; `--debug`
 shows the traceback.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-RECIPES = {"bge-m3": "bge_m3.py", "qwen3": "qwen3_embedding.py"}
+RECIPES = {"bge-m3": "ark_hf.recipes.bge_m3", "qwen3": "ark_hf.recipes.qwen3_embedding"}
 CONFIGS = {"bge-m3": ("ark_hf.trainer.bge_config", "BGETrainerConfig"), "qwen3": ("ark_hf.trainer.qwen_config", "QwenTrainerConfig")}  # fmt: skip
 EXIT_USER_ERROR = 2
 
@@ -43,14 +43,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _recipe(name: str) -> Any:
-    """The recipe module, imported from its file (the `recipes/` folder is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "recipes" / RECIPES[name]
-    if not path.is_file():
-        raise ValueError(f"recipe {path} not found: `ark-hf train` runs from a source checkout of ark_hf")
-    spec = importlib.util.spec_from_file_location(f"ark_hf_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The recipe module of `ark-hf train NAME` (in the package: works from a wheel, from any folder)."""
+    return importlib.import_module(RECIPES[name])
 
 
 def _own_options_help(config_cls: type) -> str:

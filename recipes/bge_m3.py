@@ -1,29 +1,17 @@
-"""Fine-tune BGE-M3 (dense + sparse + ColBERT) with `BGETrainer`.
+"""Script launcher of the BGE-M3 recipe (`ark_hf/recipes/bge_m3.py`, where its commands and options are documented).
 
-Single GPU / CPU:
-    python recipes/bge_m3.py --config recipes/configs/bge_m3_unified_self_distill.yaml \\
-        --train_data data/train.jsonl --output_dir out/m3
+    python recipes/bge_m3.py --config bge_m3_unified_self_distill --train_data data/train.jsonl --output_dir out/m3
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/bge_m3.py --config ...
+    torchrun --nproc_per_node 2 recipes/bge_m3.py --config ...
 
-Multi GPU (DDP) / DeepSpeed ZeRO-2 / ZeRO-3 / FSDP:
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/bge_m3.py \\
-        --config recipes/configs/bge_m3_unified_self_distill.yaml --train_data data/train.jsonl --output_dir out/m3
-    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/bge_m3.py --config ...
-
-On CPU, `torchrun --nproc_per_node 2 recipes/bge_m3.py ...` runs two processes over gloo (tests use it).
-
-Any field of `BGETrainerConfig` (and of `TrainingArguments`) can be set in the YAML file or overridden on
-the command line (`--learning_rate 5e-6`); unknown keys are errors. `--help` lists every option.
+`ark-hf train bge-m3` and `accelerate launch -m ark_hf.recipes.bge_m3` run the same code without this file.
 """
 
 from __future__ import annotations
 
-from ark_hf import BGETrainer
-from ark_hf.trainer.runner import run_recipe
+from ark_hf.recipes.bge_m3 import main
 
-
-def main(argv: list[str] | None = None) -> dict:
-    return run_recipe(BGETrainer, argv)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

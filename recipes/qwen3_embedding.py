@@ -1,59 +1,16 @@
-"""Fine-tune Qwen3-Embedding (or any decoder LLM as an embedder) with `QwenTrainer`.
+"""Script launcher of the Qwen3-Embedding recipe (`ark_hf/recipes/qwen3_embedding.py`: commands and options).
 
-Single GPU:
-    python recipes/qwen3_embedding.py --config recipes/configs/qwen3_full.yaml \\
-        --train_data data/train.jsonl --output_dir out/qwen3
+    python recipes/qwen3_embedding.py --config qwen3_full --train_data data/train.jsonl --output_dir out/qwen3
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/qwen3_embedding.py --config ...
 
-Multi GPU (DDP, cross-device negatives):
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/qwen3_embedding.py \\
-        --config recipes/configs/qwen3_full.yaml --train_data data/train.jsonl --output_dir out/qwen3
-
-DeepSpeed ZeRO-3 (4B / 8B; ZeRO-2 works the same way with deepspeed_zero2.yaml):
-    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/qwen3_embedding.py \\
-        --config recipes/configs/qwen3_full.yaml --model_name_or_path Qwen/Qwen3-Embedding-8B \\
-        --train_data data/train.jsonl --output_dir out/qwen3_8b
-
-LoRA (r=8, alpha=32, all linear projections; the saved folder holds merged weights + the adapter):
-    python recipes/qwen3_embedding.py --config recipes/configs/qwen3_lora.yaml \\
-        --train_data data/train.jsonl --output_dir out/qwen3_lora
-
-Curriculum (Qwen3's three stages: weak pairs -> supervised data -> slerp merge of stage-2 checkpoints):
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/qwen3_embedding.py \\
-        --config recipes/configs/qwen3_curriculum.yaml --output_dir out/qwen3_3stage
-    # the plan is recipes/configs/qwen3_stages.yaml; the merged model lands in out/qwen3_3stage/stage3_merged
-
-Data: jsonl in the ark layout (`query`, `pos`, `neg`), ms-swift's embedding layout (`messages`,
-`positive_messages`, `negative_messages`; a `system` message becomes the query instruction) or
-sentence-transformers columns; all of it is validated before the model loads. Any field of
-`QwenTrainerConfig` (and of `TrainingArguments`) can be set in the YAML file or overridden on the command line
-(`--temperature 0.05`); unknown keys are errors; `--help` lists every option. A CPU walk-through of the whole
-pipeline on a tiny random model: `python recipes/qwen3_demo.py`.
+`ark-hf train qwen3` and `accelerate launch -m ark_hf.recipes.qwen3_embedding` run the same code without this file.
 """
 
 from __future__ import annotations
 
-import os
+from ark_hf.recipes.qwen3_embedding import evaluate_merged_model, main
 
-from ark_hf import DecoderEmbedder, QwenTrainer
-from ark_hf.trainer.runner import run_recipe
-
-
-def evaluate_merged_model(trainer: QwenTrainer, metrics: dict) -> None:
-    """A curriculum's stage-3 merge is a model of its own: evaluate it too."""
-    merged = trainer.curriculum.merged_path if trainer.curriculum is not None else None
-    if not merged or not trainer.is_world_process_zero():
-        return
-    print(f"stage-3 merged model: {merged}")
-    if trainer.evaluators and os.path.isfile(os.path.join(merged, "config.json")):
-        model = DecoderEmbedder.from_pretrained(merged).to(trainer.args.device)
-        metrics["merged"] = {
-            f"eval_{key}": value for evaluator in trainer.evaluators for key, value in evaluator(model).items()
-        }
-
-
-def main(argv: list[str] | None = None) -> dict:
-    return run_recipe(QwenTrainer, argv, after_training=evaluate_merged_model)
-
+__all__ = ["evaluate_merged_model", "main"]
 
 if __name__ == "__main__":
     main()

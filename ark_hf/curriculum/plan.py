@@ -41,7 +41,7 @@ import yaml
 from transformers.trainer_utils import SaveStrategy
 
 from ark_hf.losses.qwen3 import QWEN3_LOSS_OPTION_TYPES as LOSS_OPTION_TYPES
-from ark_hf.utils.cli import ConfigError, did_you_mean
+from ark_hf.utils.cli import ConfigError, did_you_mean, resolve_config_file
 
 __all__ = ["CurriculumPlan", "MergeSpec", "Stage", "StagePlanError", "load_stage_plan", "parse_stages"]
 
@@ -395,11 +395,12 @@ def load_stage_plan(path: str | os.PathLike) -> list[Stage]:
     Every problem is reported at once, each with the file, the 1-based line and the key:
     `plan.yaml:7: stages[1].lr_scale: key 'lr_scale': unknown key (expected one of: ...)`. Dataset paths
     (relative to the working directory, like `train_data`) must exist; their records are validated when the
-    trainer is built.
+    trainer is built. `path` may also name a shipped plan (`qwen3_stages`, see `resolve_config_file`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise StagePlanError(f"{path}: stage plan not found")
+    try:
+        path = resolve_config_file(path, what="stage plan")
+    except ConfigError as error:
+        raise StagePlanError(str(error)) from None
     text = path.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text)

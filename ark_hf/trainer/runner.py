@@ -1,7 +1,7 @@
 """The one recipe runner: parse -> check -> evaluate -> train -> save -> evaluate -> metrics and card -> push.
 
-Both recipes (`recipes/bge_m3.py`, `recipes/qwen3_embedding.py`) and the command-line tool call `run_recipe` with
-their trainer class, so every launch path checks the same things in the same order: configuration, data and
+Both recipes (`ark_hf.recipes.bge_m3`, `ark_hf.recipes.qwen3_embedding`) and the command-line tool call `run_recipe`
+with their trainer class, so every launch path checks the same things in the same order: configuration, data and
 output directory first, model weights last.
 """
 

@@ -4,9 +4,10 @@ Built on `HfArgumentParser`, like TRL's parser. Unknown keys (in the file or on 
 errors with a "did you mean", a key given twice in the file is an error naming both lines, and YAML values
 are type-checked against the config's fields before anything runs. Floats may be written as YAML 1.2 does
 (`learning_rate: 1e-5`, which YAML 1.1 would read as a string). `--config=PATH` and `--config PATH` both
-work; a second `--config` is refused rather than silently ignored. `resume_from_checkpoint: true` means the
-latest `checkpoint-N` in `output_dir` (as `Trainer.train(resume_from_checkpoint=True)` documents) and
-`false` means a fresh run.
+work; a second `--config` is refused rather than silently ignored. `--config NAME` reads a config shipped in
+`ark_hf/recipes/configs/` (`resolve_config_file`; a file of that name in the working folder wins).
+`resume_from_checkpoint: true` means the latest `checkpoint-N` in `output_dir` (as
+`Trainer.train(resume_from_checkpoint=True)` documents) and `false` means a fresh run.
 
 `--help` lists ark_hf's own options first, grouped by the config class that declares them, and
 `TrainingArguments`' after. `--verbose` shows the third-party output that `configure_console` quiets by default.
@@ -30,19 +31,25 @@ import yaml
 from transformers import HfArgumentParser
 
 __all__ = [
+    "SHIPPED_CONFIG_DIR",
     "ConfigError",
     "StrictYamlLoader",
     "configure_console",
     "parse_config",
     "load_yaml_config",
+    "resolve_config_file",
     "resolve_resume_from_checkpoint",
+    "shipped_config_names",
 ]
 
 T = TypeVar("T")
 
+# The configs shipped inside the package (package data of `ark_hf.recipes`): `--config NAME` finds them by name.
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 CONFIG_HELP = (
-    "YAML file of option values; flags override it. Give it once, as `--config PATH` or `--config=PATH`. "
-    "Floats may be written 1e-5 or 2.0e-5; a key given twice is an error."
+    "YAML file of option values, or the name of a shipped config (e.g. bge_m3_unified_self_distill); flags "
+    "override it. Give it once, as `--config PATH` or `--config=PATH`. Floats may be written 1e-5 or 2.0e-5; "
+    "a key given twice is an error."
 )
 VERBOSE_HELP = (
     "Show the third-party output quiet by default: transformers' 'Loading weights' and 'Writing model shards' bars, "
@@ -177,15 +184,41 @@ def _float_string(value: Any) -> float | None:
     return None
 
 
+def shipped_config_names() -> list[str]:
+    """Names of the YAML files shipped in `ark_hf/recipes/configs/` (configs and stage plans), without `.yaml`."""
+    return sorted(path.stem for path in SHIPPED_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_file(value: str | Path, what: str = "config file") -> Path:
+    """The file `value` names: an existing path, else a shipped config's name (`bge_m3_dense` or `bge_m3_dense.yaml`).
+
+    A file in the working directory wins over a shipped config of the same name. `what` names the kind of file in
+    the error, which lists the shipped names and their folder.
+
+    Example:
+        >>> resolve_config_file("qwen3_full").name
+        'qwen3_full.yaml'
+    """
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and path.suffix in ("", ".yaml"):
+        shipped = SHIPPED_CONFIG_DIR / f"{path.stem}.yaml"
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(
+        f"{value}: {what} not found: neither a file nor a shipped config name "
+        f"({', '.join(shipped_config_names())}, in {SHIPPED_CONFIG_DIR})"
+    )
+
+
 def load_yaml_config(path: str | Path, config_cls: type) -> dict[str, Any]:
     """Read a YAML config and check every key and value type against `config_cls`'s fields.
 
-    Errors name the file, the line and the key: `cfg.yaml:3: key 'temprature': unknown option for
-    BGETrainerConfig (did you mean 'temperature'?)`.
+    `path` is a file or the name of a shipped config (`resolve_config_file`). Errors name the file, the line and
+    the key: `cfg.yaml:3: key 'temprature': unknown option for BGETrainerConfig (did you mean 'temperature'?)`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    path = resolve_config_file(path)
     text = path.read_text(encoding="utf-8")
     loader = StrictYamlLoader(text)
     loader.source_name = str(path)
