@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from ark_hf.models.packing import PACKING_KEY, packing_index
+
 __all__ = ["RetrievalCollator", "text_hash", "tokenize_with_eos"]
 
 
@@ -49,6 +51,10 @@ class RetrievalCollator:
         pad_to_multiple_of: pad lengths to a multiple (8 helps tensor cores).
         append_eos_token_id: decoder embedders: tokenize without special tokens and append this EOS id.
         keep_texts: also return `query_texts` and `passage_texts` (an online teacher scores the raw texts).
+        packing_index: also return, under `"packing"` in `query` and `passages`, where each real token goes in
+            the packed sequence (`ark_hf.models.packing.packing_index`), computed here on the host so that a
+            padding-free step needs no device-to-host synchronisation. The trainer sets it when the model
+            runs padding-free.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -57,6 +63,7 @@ class RetrievalCollator:
     pad_to_multiple_of: int | None = None
     append_eos_token_id: int | None = None
     keep_texts: bool = False
+    packing_index: bool = False
 
     def _tokenize(self, texts: list[str], max_length: int) -> BatchEncoding:
         if self.append_eos_token_id is not None:
@@ -99,6 +106,9 @@ class RetrievalCollator:
             "positive_hashes": self._positive_hashes(items),
             "record_ids": [item.get("id") for item in items],
         }
+        if self.packing_index:
+            for side in ("query", "passages"):
+                batch[side][PACKING_KEY] = packing_index(batch[side]["attention_mask"])
         if self.keep_texts:
             batch["query_texts"] = queries
             batch["passage_texts"] = passages

@@ -46,10 +46,15 @@ DIFFERENTIABLE_FIELDS = ("dense", "sparse_weights", "colbert")
 
 
 def chunk_features(features: dict[str, Tensor], size: int) -> Iterator[dict[str, Tensor]]:
-    """Row slices of a tokenized batch (`input_ids`, `attention_mask`, ...), `size` texts at a time."""
-    n = next(iter(features.values())).size(0)
+    """Row slices of a tokenized batch (`input_ids`, `attention_mask`, ...), `size` texts at a time.
+
+    Entries that are not per-row tensors (the collator's whole-batch packing index) are left out: a slice packs
+    its own rows.
+    """
+    rows = {key: value for key, value in features.items() if isinstance(value, Tensor)}
+    n = next(iter(rows.values())).size(0)
     for start in range(0, n, size):
-        yield {key: value[start : start + size] for key, value in features.items()}
+        yield {key: value[start : start + size] for key, value in rows.items()}
 
 
 class _RandomState:

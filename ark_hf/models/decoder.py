@@ -108,6 +108,27 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
 
 
+def move_padding_right(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each row so that its tokens come first and its padding last (rows already right-padded unchanged).
+
+    A causal decoder must never see a left-padded batch in a differentiated forward pass: the query rows of the
+    leading pad positions may attend to no key at all (causal mask AND padding mask is all False there). Fused
+    attention kernels (CUDA's memory-efficient and cuDNN SDPA) return 0 for such a row in the forward pass but
+    recompute its probabilities in the backward pass as `exp(s - logsumexp(s))` with `logsumexp = -inf`, which
+    is NaN; the NaN reaches every weight gradient through the pad rows (0 * NaN = NaN), so the loss is finite
+    and the weights turn NaN one step later. Right padding gives every pad row the text before it to attend to.
+    The text's own attention is unchanged (RoPE scores depend on relative positions only), so the embeddings
+    equal the left-padded forward's up to rounding.
+
+    Done on the device with one gather, no host synchronisation. Needs each row's tokens to be contiguous, as
+    tokenizers produce them.
+    """
+    length = attention_mask.shape[1]
+    leading_pads = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+    index = (torch.arange(length, device=attention_mask.device).unsqueeze(0) + leading_pads) % length
+    return input_ids.gather(1, index), attention_mask.gather(1, index)
+
+
 def resolve_eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token appended to every text: `<|endoftext|>` when the vocabulary has it, else the tokenizer's eos."""
     vocab = tokenizer.get_vocab()
@@ -164,6 +185,8 @@ class DecoderEmbedder(PaddingFreeMixin, RetrieverModule):
             with per-text positions and causal attention within each text (`ark_hf.models.packing`); same
             embeddings as the padded forward. The varlen kernel needs CUDA and bf16/fp16; elsewhere attention
             falls back to an exact per-text SDPA (one warning).
+            `"auto"` decides from the weights' device and dtype now; a trainer sets the switch from its config's
+            `padding_free` (default `auto`: on with CUDA and bf16/fp16) on whatever model it is given.
 
     Attributes:
         model: the backbone, a `peft.PeftModel` when LoRA is on.
@@ -190,7 +213,7 @@ class DecoderEmbedder(PaddingFreeMixin, RetrieverModule):
         normalize: bool = True,
         matryoshka_dims: list[int] | None = None,
         trust_remote_code: bool = False,
-        padding_free: bool = False,
+        padding_free: bool | str = False,
     ) -> None:
         super().__init__()
         if isinstance(model_name_or_path, (str, os.PathLike)):
@@ -333,11 +356,12 @@ class DecoderEmbedder(PaddingFreeMixin, RetrieverModule):
         """
         attention_mask = features["attention_mask"]
         if self.padding_free:
-            packed = PackedBatch.from_padded(features["input_ids"], attention_mask)
+            packed = PackedBatch.from_features(features)
             dense = packed.pool(packed_hidden_states(self.model, packed, use_cache=False), "last_token").float()
         else:
+            input_ids, attention_mask = move_padding_right(features["input_ids"], attention_mask)
             hidden = self.model(
-                input_ids=features["input_ids"], attention_mask=attention_mask, use_cache=False, return_dict=True
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True
             ).last_hidden_state
             dense = last_token_pool(hidden, attention_mask).float()
         if self.normalize:

@@ -27,7 +27,13 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["apply_kernel_switches", "apply_liger_kernel", "apply_torch_compile", "inductor_available"]
+__all__ = [
+    "apply_kernel_switches",
+    "apply_liger_kernel",
+    "apply_padding_free",
+    "apply_torch_compile",
+    "inductor_available",
+]
 
 _warned: set[str] = set()
 
@@ -142,22 +148,66 @@ def apply_torch_compile(
     return True
 
 
+def _training_device(args: object | None, model: nn.Module) -> torch.device:
+    """Where the Trainer will run `model`: the config's device (CUDA unless `use_cpu`), else the model's."""
+    if args is not None and hasattr(args, "use_cpu"):
+        if args.use_cpu or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return args.device
+    return torch.device("cuda") if torch.cuda.is_available() else _device(model)
+
+
+def apply_padding_free(model: nn.Module, setting: object = "auto", args: object | None = None) -> bool:
+    """Resolve the `padding_free` switch (`auto` / `true` / `false`) for `model` and set it; logs the choice once.
+
+    `args` (a `RetrieverConfig`) tells the device and the precision; without it the model's own are used.
+    """
+    from ark_hf.models.packing import resolve_padding_free
+
+    if not hasattr(model, "padding_free"):
+        return False
+    backbone = getattr(model, "model", model)
+    half = any(p.dtype in (torch.float16, torch.bfloat16) for p in _backbone(model).parameters())
+    if args is not None:
+        half = half or bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+    on, why = resolve_padding_free(setting, backbone, device=_training_device(args, model), half_precision=half)
+    if on != bool(model.padding_free):
+        model.padding_free = on
+    key = f"padding_free:{why}"
+    if key not in _warned:  # once per decision; on a GPU it is worth a line in the console
+        _warned.add(key)
+        (logger.warning if torch.device(_training_device(args, model)).type == "cuda" else logger.info)(why)
+    return on
+
+
 def apply_kernel_switches(
-    model: nn.Module, args: object | None = None, *, liger_kernel: bool = False, compile_backbone: bool = False
+    model: nn.Module,
+    args: object | None = None,
+    *,
+    liger_kernel: bool = False,
+    compile_backbone: bool = False,
+    padding_free: object | None = None,
 ) -> dict[str, bool]:
-    """Apply the config's kernel switches (`liger_kernel`, `compile_backbone`) to an ark_hf model.
+    """Apply the config's speed switches (`padding_free`, `liger_kernel`, `compile_backbone`) to an ark_hf model.
+
+    The trainers call this on every model, the one a config builds and one passed in by the user alike, so a
+    switch reaches the model the same way whoever built it.
 
     Args:
         model: an ark_hf model (`BGEM3Model`, `DecoderEmbedder`) or a transformers backbone.
-        args: a `RetrieverConfig` (its `liger_kernel` / `compile_backbone` fields); or pass the flags.
+        args: a `RetrieverConfig` (its `padding_free` / `liger_kernel` / `compile_backbone` fields); or pass the
+            flags (`padding_free=None` leaves the model's switch as it is).
 
     Returns:
-        Which switches took effect, e.g. `{"liger_kernel": False, "compile_backbone": True}`.
+        Which switches took effect, e.g. `{"padding_free": True, "liger_kernel": False, "compile_backbone": True}`.
     """
     if args is not None:
         liger_kernel = bool(getattr(args, "liger_kernel", False))
         compile_backbone = bool(getattr(args, "compile_backbone", False))
+        padding_free = getattr(args, "padding_free", padding_free)
     applied = {}
+    if padding_free is not None and hasattr(model, "padding_free"):
+        applied["padding_free"] = apply_padding_free(model, padding_free, args)
     if liger_kernel:
         applied["liger_kernel"] = apply_liger_kernel(model)
     if compile_backbone:

@@ -62,10 +62,17 @@ __all__ = [
     "PACKED_ATTENTION_PREFIX",
     "PackedBatch",
     "PaddingFreeMixin",
+    "PACKING_KEY",
+    "PADDING_FREE_CHOICES",
     "enable_padding_free",
     "disable_padding_free",
+    "normalize_padding_free",
+    "padding_free_unsupported",
+    "padding_free_unsupported_before_load",
+    "resolve_padding_free",
     "packed_attention_forward",
     "packed_hidden_states",
+    "packing_index",
     "position_offset",
     "varlen_attention_available",
 ]
@@ -101,6 +108,49 @@ def varlen_attention_available(device: torch.device | str | None = None) -> bool
 
 
 # ----------------------------------------------------------------------------------------------- packed batch
+PACKING_KEY = "packing"
+
+
+def packing_index(attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Where each real token of a padded batch goes in the packed sequence: the index `PackedBatch` is built on.
+
+    Everything here depends on the attention mask only, and reading it needs the host (sizes, the check, the
+    boolean mask's nonzero positions). The collator computes it on the CPU tensors it has just built (key
+    `"packing"` of each features dict, `RetrievalCollator(packing_index=True)`), so the training step runs
+    without a device-to-host synchronisation; on a device tensor it costs a few.
+
+    Returns:
+        `flat_index` `[T]` int64 (row-major positions of the real tokens in `[N, L]`), `cu_seqlens` `[N + 1]`
+        int32, `segment_ids` `[T]` int64, `positions` `[T]` int64 (per-text, from 0), `max_length` (int).
+    """
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    # contiguous rows: the span from the first to the last real token holds no padding
+    first = mask.to(torch.int8).argmax(1)
+    last = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(1)
+    bad_rows = (lengths == 0) | (last - first + 1 != lengths)
+    if bool(bad_rows.any()):
+        rows = bad_rows.nonzero().flatten().tolist()[:5]
+        raise ValueError(
+            f"padding_free: texts {rows} have an empty or non-contiguous attention_mask; each text needs at "
+            "least one token and only leading or trailing padding"
+        )
+    flat_index = mask.flatten().nonzero().squeeze(1)
+    total = flat_index.numel()
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    segment_ids = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=mask.device), lengths, output_size=total
+    )
+    positions = torch.arange(total, device=mask.device) - cu_seqlens[:-1].long()[segment_ids]
+    return {
+        "flat_index": flat_index,
+        "cu_seqlens": cu_seqlens,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "max_length": int(lengths.max()),
+    }
+
+
 @dataclass
 class PackedBatch:
     """N texts packed into one sequence of T real tokens.
@@ -111,8 +161,9 @@ class PackedBatch:
         cu_seqlens: `[N + 1]` int32 cumulative lengths, `cu_seqlens[i]` = first token of text i.
         max_length: the longest text (a Python int, as the kernels want it).
         lengths: `[N]` int64 text lengths.
-        token_mask: `[N, L]` bool, where each packed token sits in the padded layout it came from
-            (`padded[token_mask] == packed`, row-major), used to scatter head outputs back.
+        flat_index: `[T]` int64, where each packed token sits in the row-major padded layout `[N * L]` it came
+            from, used to scatter head outputs back.
+        padded_shape: `(N, L)`.
         segment_ids: `[T]` int64 index of the text of each token.
         token_type_ids: `[1, T]` packed token types, when the padded batch had them.
     """
@@ -122,7 +173,8 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     max_length: int
     lengths: torch.Tensor
-    token_mask: torch.Tensor
+    flat_index: torch.Tensor
+    padded_shape: tuple[int, int]
     segment_ids: torch.Tensor
     token_type_ids: torch.Tensor | None = None
 
@@ -134,6 +186,7 @@ class PackedBatch:
         *,
         offset: int = 0,
         token_type_ids: torch.Tensor | None = None,
+        index: dict[str, Any] | None = None,
     ) -> PackedBatch:
         """Pack a padded batch (left or right padding) by dropping the positions whose mask is 0.
 
@@ -143,37 +196,38 @@ class PackedBatch:
                 side) and at least one.
             offset: first position id of every text (`padding_idx + 1` for XLM-R, 0 for RoPE models).
             token_type_ids: `[N, L]` optional token types, packed the same way.
+            index: `packing_index(attention_mask)` computed beforehand (by the collator, on the host) and moved
+                to the batch's device; computed here when absent.
         """
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [N, L]"
             )
-        mask = attention_mask.bool()
-        lengths = mask.sum(1)
-        # contiguous rows: the span from the first to the last real token holds no padding
-        first = mask.to(torch.int8).argmax(1)
-        last = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(1)
-        bad_rows = (lengths == 0) | (last - first + 1 != lengths)
-        if bool(bad_rows.any()):
-            rows = bad_rows.nonzero().flatten().tolist()[:5]
-            raise ValueError(
-                f"padding_free: texts {rows} have an empty or non-contiguous attention_mask; each text needs at "
-                "least one token and only leading or trailing padding"
-            )
-        total = int(lengths.sum())
-        device = input_ids.device
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        segment_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=total)
-        positions = torch.arange(total, device=device) - cu_seqlens[:-1].long()[segment_ids] + offset
+        if index is None:
+            index = packing_index(attention_mask)
+        flat_index, cu_seqlens = index["flat_index"], index["cu_seqlens"]
+        positions = index["positions"] + offset if offset else index["positions"]
         return cls(
-            input_ids=input_ids[mask].unsqueeze(0),
+            input_ids=input_ids.flatten()[flat_index].unsqueeze(0),
             position_ids=positions.unsqueeze(0),
             cu_seqlens=cu_seqlens,
-            max_length=int(lengths.max()),
-            lengths=lengths,
-            token_mask=mask,
-            segment_ids=segment_ids,
-            token_type_ids=token_type_ids[mask].unsqueeze(0) if token_type_ids is not None else None,
+            max_length=int(index["max_length"]),
+            lengths=cu_seqlens.diff().long(),
+            flat_index=flat_index,
+            padded_shape=(attention_mask.shape[0], attention_mask.shape[1]),
+            segment_ids=index["segment_ids"],
+            token_type_ids=token_type_ids.flatten()[flat_index].unsqueeze(0) if token_type_ids is not None else None,
+        )
+
+    @classmethod
+    def from_features(cls, features: dict[str, Any], *, offset: int = 0) -> PackedBatch:
+        """`from_padded` on tokenized features, using the collator's `"packing"` index when it is there."""
+        return cls.from_padded(
+            features["input_ids"],
+            features["attention_mask"],
+            offset=offset,
+            token_type_ids=features.get("token_type_ids"),
+            index=features.get(PACKING_KEY),
         )
 
     @property
@@ -226,8 +280,9 @@ class PackedBatch:
 
     def repad(self, values: torch.Tensor) -> torch.Tensor:
         """Scatter per-token values `[T, ...]` into the padded layout `[N, L, ...]` (0 at padding)."""
-        out = values.new_zeros(*self.token_mask.shape, *values.shape[1:])
-        return out.index_put((self.token_mask,), values)
+        rows, length = self.padded_shape
+        out = values.new_zeros(rows * length, *values.shape[1:]).index_put((self.flat_index,), values)
+        return out.view(rows, length, *values.shape[1:])
 
 
 def position_offset(backbone: nn.Module) -> int:
@@ -476,8 +531,117 @@ def packed_hidden_states(backbone: nn.Module, packed: PackedBatch, **kwargs: Any
     return output.last_hidden_state[0]
 
 
+# ----------------------------------------------------------------------------------------------- the switch
+PADDING_FREE_CHOICES = ("auto", "true", "false")
+
+
+def normalize_padding_free(value: Any, *, key: str = SWITCH_NAME) -> str:
+    """`"auto"`, `"true"` or `"false"` from a bool, one of those strings (any case) or None (auto)."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower()
+    if text in ("1", "yes", "on"):
+        text = "true"
+    elif text in ("0", "no", "off"):
+        text = "false"
+    if text not in PADDING_FREE_CHOICES:
+        raise ValueError(f"{key} must be one of {', '.join(PADDING_FREE_CHOICES)} (or a boolean), got {value!r}")
+    return text
+
+
+def _sliding_window_reason(config: Any) -> str | None:
+    layer_types = getattr(config, "layer_types", None) or []
+    if "sliding_attention" in layer_types:
+        return f"{getattr(config, 'model_type', 'the model')} has sliding-window attention layers"
+    if not layer_types and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"{getattr(config, 'model_type', 'the model')} uses sliding-window attention"
+    return None
+
+
+def _unsupported_reason(model_class: type, config: Any, implementation: str | None) -> str | None:
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+        return f"{getattr(model_class, '__name__', model_class)} is not a transformers PreTrainedModel"
+    if not model_class._can_set_attn_implementation():
+        return f"{model_class.__name__} does not route attention through transformers' AttentionInterface"
+    implementation = implementation or "sdpa"
+    if implementation.startswith(PACKED_ATTENTION_PREFIX):
+        return None
+    if implementation not in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys():
+        return f"attention implementation {implementation!r} has no mask function to fall back on"
+    return _sliding_window_reason(config)
+
+
+def padding_free_unsupported(backbone: nn.Module) -> str | None:
+    """Why `backbone` (a transformers model, or a peft model around one) cannot run packed, or None."""
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    if not isinstance(base, PreTrainedModel):
+        return f"{type(base).__name__} is not a transformers PreTrainedModel"
+    return _unsupported_reason(type(base), base.config, base.config._attn_implementation)
+
+
+def padding_free_unsupported_before_load(
+    name_or_path: str, *, attn_implementation: str | None = None, trust_remote_code: bool = False
+) -> str | None:
+    """`padding_free_unsupported` from the model's config alone (no weights read): None when it can pack.
+
+    Models with remote code are only checked once loaded (their class is not known before).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    model_class = MODEL_MAPPING.get(type(config), None)
+    if model_class is None:
+        return None
+    return _unsupported_reason(
+        model_class, config, attn_implementation or getattr(config, "_attn_implementation", None)
+    )
+
+
+def resolve_padding_free(
+    setting: Any, backbone: nn.Module, *, device: torch.device | str, half_precision: bool
+) -> tuple[bool, str]:
+    """Decide the `padding_free` switch for a model that trains on `device`: `(on, why)`.
+
+    `"auto"` packs where it is the fast path: a backbone that can pack, on CUDA, with a varlen kernel for the
+    attention (torch's `varlen_attn` under bf16/fp16, or a `flash_attention_*` implementation); elsewhere the
+    padded forward runs (on CPU the packed form saves no time: attention falls back to per-text SDPA).
+    `"true"` packs wherever the backbone can (refusing one that cannot, with the reason); `"false"` never packs.
+    """
+    choice = normalize_padding_free(setting)
+    if choice == "false":
+        return False, f"{SWITCH_NAME}=false"
+    reason = padding_free_unsupported(backbone)
+    if choice == "true":
+        if reason is not None:
+            raise ValueError(
+                f"{SWITCH_NAME}=true: this model cannot run padding-free: {reason}; set {SWITCH_NAME}: auto or false"
+            )
+        return True, f"{SWITCH_NAME}=true"
+    if reason is not None:
+        return False, f"{SWITCH_NAME}=auto: padded, {reason}"
+    device = torch.device(device)
+    base = _transformers_model(backbone)
+    implementation = (base.config._attn_implementation or "").removeprefix(PACKED_ATTENTION_PREFIX)
+    if device.type != "cuda":
+        return False, f"{SWITCH_NAME}=auto: padded on {device.type} (packing pays off with the CUDA varlen kernel)"
+    if implementation.startswith("flash_attention"):
+        return True, f"{SWITCH_NAME}=auto: padding-free ({implementation} reads the packed boundaries)"
+    if _varlen_attn is None:
+        return False, f"{SWITCH_NAME}=auto: padded, torch {torch.__version__} has no varlen_attn kernel"
+    if not half_precision:
+        return False, f"{SWITCH_NAME}=auto: padded, the varlen kernel needs bf16/fp16 (train with bf16: true)"
+    return True, f"{SWITCH_NAME}=auto: padding-free (torch varlen_attn on {device})"
+
+
 class PaddingFreeMixin:
-    """The `padding_free` switch of an embedder whose backbone is `self.model` (settable after construction)."""
+    """The `padding_free` switch of an embedder whose backbone is `self.model` (settable after construction).
+
+    Takes a bool, or `"true"` / `"false"` / `"auto"` (resolved now, for the device and dtype the backbone's
+    weights have: see `resolve_padding_free`; the trainers resolve it for the device they train on).
+    """
 
     @property
     def padding_free(self) -> bool:
@@ -485,9 +649,17 @@ class PaddingFreeMixin:
         return self._padding_free
 
     @padding_free.setter
-    def padding_free(self, value: bool) -> None:
-        if value:
+    def padding_free(self, value: Any) -> None:
+        choice = normalize_padding_free(value)
+        if choice == "auto":
+            weight = next(_transformers_model(self.model).parameters())
+            on, _ = resolve_padding_free(
+                choice, self.model, device=weight.device, half_precision=weight.dtype in _VARLEN_DTYPES
+            )
+        else:
+            on = choice == "true"
+        if on:
             enable_padding_free(self.model)
         else:
             disable_padding_free(self.model)
-        self._padding_free = bool(value)
+        self._padding_free = on

@@ -40,6 +40,7 @@ from ark_hf.data.token_budget import TokenBudgetBatchSampler, group_token_bounds
 from ark_hf.evaluation.base import Evaluator
 from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
 from ark_hf.losses.cached import GradCache
+from ark_hf.models.kernels import apply_kernel_switches
 from ark_hf.models.outputs import RetrieverOutput
 from ark_hf.trainer.atomic_save import TRAINING_ARGS_NAME, AtomicSaveMixin
 from ark_hf.trainer.base_config import RetrieverConfig
@@ -142,10 +143,14 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
                 "(query, passages, batch, step) embeddings and returns LossOutput(loss, components)"
             )
 
+        if model is None and args.padding_free == "true" and args.model_name_or_path:
+            self._refuse_unpackable(args)
         if model is None:  # seeded: fresh weights (LoRA, new heads) are the same in every run and on every rank
             set_seed(args.seed)
             model = self.build_model(args)
         model = self.prepare_model(model, args)
+        # the config's speed switches reach every model this one way, whether the config built it or the user did
+        apply_kernel_switches(model, args)
         if processing_class is None:
             processing_class = getattr(model, "tokenizer", None)
         if train_dataset is not None and not isinstance(train_dataset, TrainGroupDataset):
@@ -177,6 +182,25 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
                 f"mini_batch_size (GradCache) does not run under torch.nn.DataParallel ({args.n_gpu} GPUs in one "
                 "process): launch one process per GPU with accelerate_configs/multi_gpu.yaml (DDP), "
                 "deepspeed_zero2.yaml, deepspeed_zero3.yaml or fsdp.yaml, or unset mini_batch_size"
+            )
+
+    @staticmethod
+    def _refuse_unpackable(args: TrainingArguments) -> None:
+        """`padding_free: true` on a backbone that cannot pack fails here, from its config, before weights load."""
+        from ark_hf.models.packing import padding_free_unsupported_before_load
+
+        try:
+            reason = padding_free_unsupported_before_load(
+                args.model_name_or_path,
+                attn_implementation=getattr(args, "attn_implementation", None),
+                trust_remote_code=args.trust_remote_code,
+            )
+        except (OSError, ValueError):  # no readable config: the model's own loading reports that
+            return
+        if reason is not None:
+            raise ValueError(
+                f"padding_free=true: {args.model_name_or_path} cannot run padding-free: {reason}; "
+                "set padding_free: auto (packs where it can) or false"
             )
 
     @staticmethod
@@ -255,6 +279,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
             query_max_len=args.query_max_len,
             passage_max_len=args.passage_max_len,
             pad_to_multiple_of=args.pad_to_multiple_of,
+            # padding-free steps get their packing index from the data loader, not from the device
+            packing_index=bool(getattr(model, "padding_free", False)),
         )
 
     def build_evaluator(self, args: TrainingArguments) -> Evaluator:

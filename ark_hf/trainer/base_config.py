@@ -39,7 +39,8 @@ class RetrieverConfig(TrainingArguments):
 
         > Speed
 
-        padding_free (`bool`): Packed forward on real tokens only.
+        padding_free (`str`, defaults to `"auto"`): Packed forward on real tokens only: `auto` (on with CUDA and
+            bf16/fp16, padded on CPU), `true`, `false`.
         liger_kernel (`bool`): liger-kernel's fused kernels in the backbone (falls back with a warning).
         compile_backbone (`bool`): `torch.compile` of the backbone (falls back with a warning).
 
@@ -121,11 +122,15 @@ class RetrieverConfig(TrainingArguments):
             "per_device_train_batch_size x train_group_size, memory that of one mini-batch. Unset: no cache."
         },
     )
-    padding_free: bool = field(
-        default=False,
+    padding_free: str = field(
+        default="auto",
         metadata={
-            "help": "Run the backbone on real tokens only: a step's texts packed into one sequence (varlen attention "
-            "on CUDA; exact per-text attention elsewhere). Same outputs as padded batches."
+            "help": "Run the backbone on real tokens only: a step's texts packed into one sequence, same outputs as "
+            "padded batches. 'auto' (default): on where it is the fast path (CUDA with bf16/fp16 and a backbone "
+            "that routes attention through transformers, or a flash-attention implementation), padded elsewhere "
+            "(CPU); the choice is logged once. 'true': pack wherever the backbone can (on CPU attention runs per "
+            "text), refusing a backbone that cannot with the reason. 'false': always padded.",
+            "choices": ["auto", "true", "false"],
         },
     )
     max_tokens_per_batch: int | None = field(
@@ -201,6 +206,9 @@ class RetrieverConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from ark_hf.models.packing import normalize_padding_free
+
+        self.padding_free = normalize_padding_free(self.padding_free)
         if isinstance(self.dataset_instructions, str):
             try:
                 self.dataset_instructions = json.loads(self.dataset_instructions)

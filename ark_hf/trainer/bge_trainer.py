@@ -11,7 +11,6 @@ from ark_hf.data.collator import RetrievalCollator
 from ark_hf.losses.base import RetrievalBatch
 from ark_hf.losses.m3 import M3Loss
 from ark_hf.models.bge_m3 import BGEM3Model
-from ark_hf.models.kernels import apply_kernel_switches
 from ark_hf.models.outputs import RetrieverOutput
 from ark_hf.models.teacher import TeacherScorer
 from ark_hf.trainer.base import BaseRetrieverTrainer
@@ -37,7 +36,6 @@ def build_bge_model(config: BGETrainerConfig) -> BGEM3Model:
         normalize=config.normalize_embeddings,
         init_missing_heads=config.init_missing_heads,
         trust_remote_code=config.trust_remote_code,
-        padding_free=config.padding_free,
     )
 
 
@@ -138,7 +136,6 @@ class BGETrainer(BaseRetrieverTrainer):
         for head, module in heads.items():
             if module is not None and args.unified_finetuning and head not in args.trained_heads:
                 module.requires_grad_(False)  # not in `heads`: kept as loaded (and no unused parameters under DDP)
-        apply_kernel_switches(model, args)
         return model
 
     @staticmethod

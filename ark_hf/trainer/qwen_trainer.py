@@ -20,7 +20,6 @@ from ark_hf.losses.base import RetrievalLoss
 from ark_hf.losses.matryoshka import MatryoshkaLoss
 from ark_hf.losses.qwen3 import Qwen3InfoNCELoss
 from ark_hf.models.decoder import DecoderEmbedder
-from ark_hf.models.kernels import apply_kernel_switches
 from ark_hf.trainer.base import BaseRetrieverTrainer
 from ark_hf.trainer.qwen_config import QwenTrainerConfig
 
@@ -45,7 +44,6 @@ def build_qwen_model(config: QwenTrainerConfig) -> DecoderEmbedder:
         lora_target_modules=targets[0] if list(targets) == ["all-linear"] else list(targets),
         matryoshka_dims=config.matryoshka_dims,
         trust_remote_code=config.trust_remote_code,
-        padding_free=config.padding_free,
     )
 
 
@@ -110,7 +108,6 @@ class QwenTrainer(BaseRetrieverTrainer):
                 "'query' prompt uses Qwen's format, so encode queries yourself the way training formatted them",
                 args.query_instruction_format,
             )
-        apply_kernel_switches(model, args)
         return model
 
     def build_collator(

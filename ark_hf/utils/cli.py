@@ -246,6 +246,9 @@ def load_yaml_config(path: str | Path, config_cls: type) -> dict[str, Any]:
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             data[key] = "true" if value else "false"  # resolved against output_dir in parse_config
             continue
+        if isinstance(value, bool) and {"true", "false"} <= set(fields[key].metadata.get("choices", ())):
+            data[key] = "true" if value else "false"  # a tri-state switch (`auto` / `true` / `false`)
+            continue
         allowed = _allowed_types(hints.get(key, fields[key].type))
         if allowed is None or value is None and type(None) in allowed:
             continue
