@@ -137,7 +137,6 @@ def build_tiny_xlmr(folder: str | Path, hidden_size: int = 32, num_layers: int =
 
     folder = Path(folder)
     tokenizer = build_xlmr_tokenizer()
-    torch.manual_seed(seed)
     config = XLMRobertaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -149,7 +148,9 @@ def build_tiny_xlmr(folder: str | Path, hidden_size: int = 32, num_layers: int =
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
     )
-    XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -161,7 +162,6 @@ def build_tiny_qwen3(folder: str | Path, hidden_size: int = 32, num_layers: int 
 
     folder = Path(folder)
     tokenizer = build_qwen3_tokenizer()
-    torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -176,6 +176,8 @@ def build_tiny_qwen3(folder: str | Path, hidden_size: int = 32, num_layers: int 
         bos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    Qwen3Model(config).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        Qwen3Model(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

