@@ -77,13 +77,25 @@ def _load_checked_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTok
     return tokenizer
 
 
+def sparse_unused_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids whose sparse weight is 0: the tokenizer's CLS, EOS, PAD and UNK tokens, those it has.
+
+    The same set as FlagEmbedding's `BGEM3FlagModel` (inference) and its fine-tuning model, for any vocabulary:
+    with XLM-R's (BGE-M3) `</s>` is the EOS and is dropped; a BERT vocabulary has no EOS, so `[SEP]` keeps its
+    weight there, as does every other special token (`[MASK]`, `<mask>`, added tokens).
+    """
+    ids = (tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    return sorted({token_id for token_id in ids if token_id is not None})
+
+
 class BGEM3Model(PaddingFreeMixin, RetrieverModule):
     """An encoder backbone with BGE-M3's dense, sparse and ColBERT heads.
 
     With `H` the last hidden states `[N, L, d]` and `M` the attention mask:
 
     - dense: `normalize(H[:, 0])` (CLS, each text's first token; `mean` and `last_token` pooling optional);
-    - sparse: `w_t = relu(sparse_linear(H_t))` per token, special tokens and padding set to 0; the
+    - sparse: `w_t = relu(sparse_linear(H_t))` per token, set to 0 on padding and on the tokenizer's CLS, EOS,
+      PAD and UNK ids (`sparse_unused_token_ids`: FlagEmbedding's set, so BERT's `[SEP]` keeps its weight); the
       lexical score of two texts sums `w_q(t) * w_p(t)` over shared token ids (max over repeats);
     - ColBERT: `normalize(colbert_linear(H[:, 1:]) * M[:, 1:])` (CLS skipped, final `</s>` kept).
 
@@ -198,16 +210,16 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
             self.colbert_linear.to(backbone.dtype)
             self.sparse_linear.to(backbone.dtype)
 
-        special_ids = sorted({i for i in tokenizer.all_special_ids if i is not None})
-        self.register_buffer("special_token_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
+        unused_ids = sparse_unused_token_ids(tokenizer)
+        self.register_buffer("sparse_unused_ids", torch.tensor(unused_ids, dtype=torch.long), persistent=False)
         self.padding_free = padding_free
 
-    def _special_ids(self, device: torch.device) -> torch.Tensor:
-        """The tokenizer's special ids on `device`. ZeRO-3 builds the model under `zero.Init` and moves only
+    def _sparse_unused_ids(self, device: torch.device) -> torch.Tensor:
+        """The ids the sparse head drops, on `device`. ZeRO-3 builds the model under `zero.Init` and moves only
         parameters, so this non-persistent buffer can still be on the CPU when the engine runs the forward."""
-        if self.special_token_ids.device != device:
-            self.special_token_ids = self.special_token_ids.to(device)
-        return self.special_token_ids
+        if self.sparse_unused_ids.device != device:
+            self.sparse_unused_ids = self.sparse_unused_ids.to(device)
+        return self.sparse_unused_ids
 
     @staticmethod
     def _saved_info(path: str) -> dict[str, Any]:
@@ -282,7 +294,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         # dense-only training skips the heads; evaluation and inference use them whenever they exist
         if not self.has_heads or (self.training and not self.unified_finetuning):
             return EmbeddingOutput(dense=dense)
-        keep = attention_mask.bool() & ~torch.isin(input_ids, self._special_ids(input_ids.device))
+        keep = attention_mask.bool() & ~torch.isin(input_ids, self._sparse_unused_ids(input_ids.device))
         sparse_weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep.to(hidden.dtype)
         # ColBERT skips each text's first token (the CLS): position 0 with right padding
         rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
@@ -316,7 +328,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         if not self.has_heads or (self.training and not self.unified_finetuning):
             return EmbeddingOutput(dense=dense)
         token_ids = packed.input_ids[0]
-        keep = ~torch.isin(token_ids, self._special_ids(token_ids.device))
+        keep = ~torch.isin(token_ids, self._sparse_unused_ids(token_ids.device))
         sparse = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep.to(hidden.dtype)
         colbert_keep = ~packed.is_first_token()
         colbert = self.colbert_linear(hidden) * colbert_keep.unsqueeze(-1).to(hidden.dtype)
@@ -358,7 +370,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         """Embed texts like FlagEmbedding's `BGEM3FlagModel.encode`.
 
         Returns a dict with `dense_vecs` (`[N, d]` array), `lexical_weights` (one `{token_id_str: weight}`
-        dict per text, special tokens and zero weights dropped) and `colbert_vecs` (one `[n_tokens - 1, d]`
+        dict per text, the `sparse_unused_token_ids` and zero weights dropped) and `colbert_vecs` (one `[n_tokens - 1, d]`
         array per text), each present when asked for.
         """
         if isinstance(texts, str):
