@@ -4,11 +4,16 @@
 and, when matplotlib is installed, `training_plot.png` into a saved model folder:
 
 - metadata: `library_name: sentence-transformers`, `base_model` (a Hub name only), tags, `pipeline_tag`;
-- base model, training data (sources and record counts), evaluation sets (sizes);
+- base model (its Hub name, or a local folder's name: never a local path), training data (sources and record
+  counts), evaluation sets (sizes);
 - the objective and its settings, and every hyperparameter that differs from the config's defaults;
 - the evaluation table: one row per (step, scoring mode), the metrics exactly as the trainer logged them;
 - usage for FlagEmbedding (BGE-M3 models, with the saved `pooling_method`), sentence-transformers and ark_hf;
-- citations: BGE-M3, Qwen3-Embedding, ARK.
+- citations: BGE-M3 or Qwen3-Embedding, and ARK when the run used ARK's alignment (`AlignmentCallback`).
+
+What the card states is also kept in `model_card_data.json`. Rewriting the card of a saved folder without the
+trainer (`ark-hf card`) merges with it and with the existing card's metadata, so nothing recorded is lost: the
+data sizes, the evaluation sets, and the evaluation rows (also when `trainer_state.json` is absent).
 
 `check_hub_push(args)` tells before training, in one line, why a push would fail (offline, no token, no repo
 id); `upload_file_list(output_dir)` lists exactly the files that `Trainer.push_to_hub` uploads from a folder.
@@ -36,6 +41,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["HubPushError", "check_hub_push", "eval_table_rows", "upload_file_list", "write_model_card"]
 
 PLOT_FILE = "training_plot.png"
+CARD_DATA_FILE = "model_card_data.json"
 # what `Trainer.push_to_hub` passes to `upload_folder` (huggingface_hub adds its DEFAULT_IGNORE_PATTERNS)
 TRAINER_IGNORE_PATTERNS = ["_*", "checkpoint-*"]
 # keys that describe where a run writes or logs, not how it trains
@@ -330,6 +336,32 @@ def _train_sources(train_dataset: Any) -> list[dict[str, Any]]:
     return [{"source": source, "records": n} for source, n in counts.items()]
 
 
+# deprecated aliases that mirror another field (`activation_checkpointing*`): listing them would repeat it
+_ALIAS_FIELDS = {"gradient_checkpointing", "gradient_checkpointing_kwargs"}
+
+
+def _resolved_defaults(args: Any) -> dict[str, Any]:
+    """What `__post_init__` turns an unset field into: a field holding this value was left at its default."""
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    resolved: dict[str, Any] = {
+        "activation_checkpointing": False,  # transformers: unset means off
+        # less `use_configured_state`, which setting up the device pops from it
+        "accelerator_config": {k: v for k, v in AcceleratorConfig().to_dict().items() if k != "use_configured_state"},
+        "dataloader_pin_memory": not getattr(args, "use_cpu", False),  # use_cpu turns pinning off
+    }
+    resolved.update(getattr(type(args), "resolved_defaults", {}))
+    return resolved
+
+
+def _plain(value: Any) -> Any:
+    """Enums as their value; None and empty strings / containers as None (`debug` is "" unset, [] resolved)."""
+    value = getattr(value, "value", value)
+    if isinstance(value, (str, list, tuple, dict)) and not value:
+        return None
+    return value
+
+
 def _non_default_hyperparameters(args: Any) -> list[tuple[str, Any]]:
     # the fields' declared defaults: building a second config would reset accelerate's process state (rank 0
     # would leave the process group while the other ranks wait in the final save's barrier)
@@ -339,16 +371,76 @@ def _non_default_hyperparameters(args: Any) -> list[tuple[str, Any]]:
             defaults[field.name] = field.default
         elif field.default_factory is not dataclasses.MISSING:
             defaults[field.name] = field.default_factory()
+    resolved = _resolved_defaults(args)
     changed = []
     for key, value in sorted(args.to_dict().items()):
-        if key in _NOT_HYPERPARAMETERS or key.startswith("_") or value == defaults.get(key, object()):
+        if key in _NOT_HYPERPARAMETERS or key in _ALIAS_FIELDS or key.startswith("_") or key not in defaults:
+            continue
+        if _plain(value) == _plain(defaults[key]) or (key in resolved and _plain(value) == _plain(resolved[key])):
             continue
         changed.append((key, value))
     return changed
 
 
 def _is_hub_name(name: str | None) -> bool:
-    return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+    return bool(name) and not os.path.exists(name) and re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) is not None
+
+
+def model_display_name(name: str | os.PathLike | None) -> str | None:
+    """How a card names a model: a Hub name as is; a local folder by the Hub name of the Hugging Face cache
+    entry it is in (`.../models--org--name/snapshots/<hash>`), else by its own name, never by its full path."""
+    if name is None:
+        return None
+    name = str(name)
+    if _is_hub_name(name) or not (os.path.isabs(name) or os.path.exists(name) or os.sep in name):
+        return name
+    path = Path(name).expanduser().absolute()
+    for part in reversed(path.parts):
+        cached = re.fullmatch(r"models--([\w.-]+)--([\w.-]+)", part)
+        if cached:
+            return f"{cached[1]}/{cached[2]}"
+    return path.name
+
+
+def _read_card_data(output_dir: Path) -> dict[str, Any]:
+    """`model_card_data.json` of a folder whose card was written before ({} when there is none)."""
+    path = output_dir / CARD_DATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); delete it to write the card from scratch") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a {type(data).__name__}, expected an object")
+    return data
+
+
+def _existing_card_metadata(output_dir: Path) -> dict[str, Any]:
+    """The YAML metadata of the folder's current README.md ({} when there is none)."""
+    path = output_dir / "README.md"
+    if not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(path).data.to_dict()
+
+
+def _merge_eval_rows(recorded: Sequence[Mapping[str, Any]], logged: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Rows of both, one per (step, set, mode); a logged row replaces the recorded one of the same key."""
+    from ark_hf.evaluation.ir import MODES
+
+    order = {mode: i for i, mode in enumerate(MODES)}
+    merged = {(row["step"], row["name"], row["mode"]): dict(row) for row in recorded}
+    merged.update({(row["step"], row["name"], row["mode"]): dict(row) for row in logged})
+    return [merged[key] for key in sorted(merged, key=lambda k: (k[0], k[1], order.get(k[2], len(order))))]
+
+
+def _used_ark_alignment(trainer: Any) -> bool:
+    from ark_hf.callbacks.alignment import AlignmentCallback
+
+    handler = getattr(trainer, "callback_handler", None)
+    return any(isinstance(callback, AlignmentCallback) for callback in getattr(handler, "callbacks", []))
 
 
 def write_model_card(
@@ -366,6 +458,7 @@ def write_model_card(
     tags: Sequence[str] | None = None,
     plot: bool = True,
     log_pooling_note: bool = True,
+    ark_alignment: bool | None = None,
 ) -> Path:
     """Write `README.md` (and `training_plot.png`) into a saved model folder; returns the card's path.
 
@@ -377,12 +470,19 @@ def write_model_card(
         model: the model when `trainer_or_state` is not a trainer (default: read the pooling from the folder).
         model_id: the name the usage snippets load (default: `hub_model_id`, else the folder's absolute path).
         model_name: the card's title (default: the folder name).
-        base_model: the base model (default: `args.model_name_or_path`); only a Hub name goes into the metadata.
+        base_model: the base model (default: `args.model_name_or_path`); a local folder is named by its Hub name
+            when it is in the Hugging Face cache, else by its folder name. Only a Hub name goes into the metadata.
         datasets: Hub dataset ids for the metadata.
         language, license, tags: metadata; `tags` are added to ark_hf's.
         plot: draw `training_plot.png` when matplotlib is installed.
         log_pooling_note: log (warning) how to load a non-CLS BGE-M3 folder in FlagEmbedding; off when rewriting
             a card whose save already said so.
+        ark_alignment: cite ARK (default: when the trainer has an `AlignmentCallback`, or the folder's card
+            data says the run had one).
+
+    Without a trainer, what the call does not know is taken from the folder's `model_card_data.json` and the
+    existing card's metadata: the training data, evaluation sets, evaluation rows (merged with those of the
+    given log history), datasets, language, license and tags. With a trainer, the trainer's run replaces them.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -399,10 +499,15 @@ def write_model_card(
         train_sources, evaluators = [], []
     if args is None:
         raise ValueError("write_model_card needs the training config: pass a trainer, or args=")
+    # a trainer knows its whole run; a rewrite from the saved files keeps what the folder recorded before
+    recorded = {} if trainer is not None else _read_card_data(output_dir)
+    metadata = {} if trainer is not None else _existing_card_metadata(output_dir)
+    if ark_alignment is None:
+        ark_alignment = _used_ark_alignment(trainer) if trainer is not None else recorded.get("ark_alignment", False)
 
     heads_info_file = output_dir / "m3_heads.json"
     heads_info = json.loads(heads_info_file.read_text(encoding="utf-8")) if heads_info_file.is_file() else None
-    is_m3 = heads_info is not None or type(model).__name__ == "BGEM3Model"
+    is_m3 = embedder_kind(model if model is not None else output_dir) == "bge_m3"
     if is_m3:
         pooling = getattr(model, "pooling", None) or heads_info.get("pooling", "cls")
         has_heads = bool(getattr(model, "has_heads", None) if model is not None else heads_info.get("has_heads"))
@@ -413,12 +518,14 @@ def write_model_card(
             f"output = model.encode(sentences, return_dense=True, return_sparse={has_heads}, "
             f'return_colbert_vecs={has_heads})\ndense = output["dense_vecs"]'
         )
-        citations = [CITATIONS["bge-m3"], CITATIONS["ark"]]
+        citations = [CITATIONS["bge-m3"]]
     else:
         pooling, has_heads, heads_trained = "last_token", None, False
         architecture, ark_class, kind = "decoder, last-token pooling", "DecoderEmbedder", "decoder embedder"
         ark_encode = "dense = model.encode(sentences)"
-        citations = [CITATIONS["qwen3-embedding"], CITATIONS["ark"]]
+        citations = [CITATIONS["qwen3-embedding"]]
+    if ark_alignment:
+        citations.append(CITATIONS["ark"])
     pooling_note = None
     if is_m3 and pooling != "cls":
         pooling_note = (
@@ -427,12 +534,22 @@ def write_model_card(
             "sentence-transformers and ark_hf read the pooling from the folder."
         )
 
-    base = base_model or getattr(args, "model_name_or_path", None) or getattr(model, "name_or_path", None)
+    base = model_display_name(
+        base_model or getattr(args, "model_name_or_path", None) or getattr(model, "name_or_path", None)
+    )
     base_text = f"[{base}](https://huggingface.co/{base})" if _is_hub_name(base) else f"`{base}`"
     model_id = model_id or getattr(args, "hub_model_id", None) or str(output_dir.absolute())
-    rows = eval_table_rows(log_history)
+    rows = _merge_eval_rows(recorded.get("eval_rows", []), eval_table_rows(log_history))
+    train_sources = train_sources or recorded.get("train_sources", [])
     plot_file = PLOT_FILE if plot and _plot(log_history, output_dir / PLOT_FILE) else None
-    objective_settings = [(key, getattr(args, key)) for key in _OBJECTIVE_KEYS if hasattr(args, key)]
+    if plot_file is None and not log_history and (output_dir / PLOT_FILE).is_file():
+        plot_file = PLOT_FILE  # drawn by an earlier write that had the log history
+    objective_settings = [
+        (key, model_display_name(value) if key == "teacher_model" else value)
+        for key in _OBJECTIVE_KEYS
+        if hasattr(args, key)
+        for value in [getattr(args, key)]
+    ]
     if is_m3:
         objective = (
             "BGE-M3's unified fine-tuning: InfoNCE per head (dense, sparse, ColBERT and their ensemble)"
@@ -457,12 +574,15 @@ def write_model_card(
         }
         for e in evaluators
         if hasattr(e, "query_ids")
-    ]
+    ] or recorded.get("eval_sets", [])
+    datasets = list(datasets) if datasets else metadata.get("datasets")
+    language = language or metadata.get("language")
+    license = license or metadata.get("license")
 
     card_data = ModelCardData(
         library_name="sentence-transformers",
         base_model=base if _is_hub_name(base) else None,
-        datasets=list(datasets) if datasets else None,
+        datasets=datasets or None,
         language=language,
         license=license,
         pipeline_tag="sentence-similarity",
@@ -475,6 +595,7 @@ def write_model_card(
                     "sentence-similarity",
                     "bge-m3" if is_m3 else "qwen3-embedding",
                     *(tags or []),
+                    *metadata.get("tags", []),
                 ]
             )
         ),  # fmt: skip
@@ -509,6 +630,14 @@ def write_model_card(
     path = output_dir / "README.md"
     output_dir.mkdir(parents=True, exist_ok=True)
     card.save(path)
+    card_data_record = {
+        "base_model": base,
+        "train_sources": train_sources,
+        "eval_sets": eval_sets,
+        "eval_rows": rows,
+        "ark_alignment": bool(ark_alignment),
+    }
+    (output_dir / CARD_DATA_FILE).write_text(json.dumps(card_data_record, indent=2) + "\n", encoding="utf-8")
     if pooling_note and log_pooling_note:
         logger.warning("%s: %s", output_dir, pooling_note)
     return path

@@ -7,7 +7,9 @@ upload (the network calls replaced) with exactly the files `upload_file_list` pr
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,16 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from ark_hf.hub import HubPushError, check_hub_push, eval_table_rows, upload_file_list, write_model_card
+from ark_hf.callbacks.alignment import AlignmentCallback
+from ark_hf.cli import main
+from ark_hf.hub import (
+    CARD_DATA_FILE,
+    HubPushError,
+    check_hub_push,
+    eval_table_rows,
+    upload_file_list,
+    write_model_card,
+)
 from ark_hf.models.bge_m3 import BGEM3Model
 from ark_hf.trainer.bge_config import BGETrainerConfig
 from ark_hf.trainer.bge_trainer import BGETrainer
@@ -78,11 +89,15 @@ def test_card_metadata_and_sections(trained):
     text = path.read_text()
     for section in ("## Training data", "## Objective", "## Hyperparameters", "## Evaluation", "## Citation"):
         assert section in text
-    assert "2402.03216" in text and "2511.16326" in text
+    assert "2402.03216" in text and "2511.16326" not in text  # BGE-M3 cited; ARK only when its alignment ran
     assert 'pooling_method="mean"' in text and "not BGE-M3's CLS" in text
     assert "`use_self_distill` | `True`" in text
     assert "| `learning_rate` | `0.001` |" in text  # differs from the default 1e-5
-    assert "`per_device_eval_batch_size`" not in text  # left at its default
+    hyperparameters = text.split("## Hyperparameters")[1].split("## Evaluation")[0]
+    # left at their defaults, or resolved from another setting (use_cpu turns pinning off): not listed
+    for key in ("per_device_eval_batch_size", "accelerator_config", "dataloader_pin_memory", "debug",
+                "gradient_checkpointing", "activation_checkpointing", "lr_scheduler_type"):  # fmt: skip
+        assert f"`{key}`" not in hyperparameters, key
     assert "records" in text and "6 records" in text
 
 
@@ -135,6 +150,58 @@ def test_plot_is_written_when_matplotlib_is_installed(trained):
     png = (folder / "training_plot.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert "![Training loss components and evaluation metrics](training_plot.png)" in path.read_text()
+
+
+def _section(text: str, heading: str) -> str:
+    return text.split(f"\n## {heading}")[1].split("\n## ")[0]
+
+
+def test_card_names_the_local_base_model_by_its_folder_name(trained, tiny_xlmr_path):
+    _, folder, path = trained
+    text = path.read_text()
+    assert tiny_xlmr_path not in text and str(Path(tiny_xlmr_path).parent) not in text
+    assert "from `model`." in text  # tiny_xlmr_path is <tmp>/tiny_xlmr0/model
+    assert json.loads((folder / CARD_DATA_FILE).read_text())["base_model"] == "model"
+
+
+def test_card_command_keeps_what_the_folder_records(trained, tmp_path, capsys):
+    """`ark-hf card` on a saved folder without trainer_state.json: the data sizes, evaluation sets and the
+    evaluation table of the card written at training time stay; the metadata given then stays too."""
+    trainer, folder, _ = trained
+    copy = tmp_path / "tiny-m3"
+    shutil.copytree(folder, copy)
+    write_model_card(trainer, copy, model_name="tiny-m3", tags=["test"], language="en", license="mit")
+    before = (copy / "README.md").read_text()
+    assert not (copy / "trainer_state.json").exists() and "## Evaluation" in before
+    assert main(["card", str(copy), "--model_name", "tiny-m3"]) == 0
+    assert f"evaluation rows from {CARD_DATA_FILE}" in capsys.readouterr().out
+    after = (copy / "README.md").read_text()
+    for heading in ("Training data", "Evaluation", "Hyperparameters", "Objective", "Model", "Citation"):
+        assert _section(after, heading) == _section(before, heading), heading
+    assert "6 records" in after and "(not recorded)" not in after
+    card = ModelCard.load(copy / "README.md")
+    assert card.data.language == "en" and card.data.license == "mit" and "test" in card.data.tags
+
+
+def test_card_cites_ark_when_its_alignment_ran(trained, tmp_path):
+    trainer, folder, _ = trained
+    copy = tmp_path / "aligned"
+    shutil.copytree(folder, copy)
+    probe = [
+        {"query": "how long for permit 1?", "pos": ["Permit 1 takes 3 weeks."], "neg": ["The library opens at 9."],
+         "alignment": {"index": 0, "pos": [{"forward": 0.1, "backward": 0.2, "parameter": 0.3, "tokens": 10,
+                                            "score": 0.4}],
+                       "neg": [{"forward": 0.0, "backward": 0.1, "parameter": 0.0, "tokens": 10, "score": 0.1}]}}
+    ]  # fmt: skip
+    callback = AlignmentCallback(probe, every_n_steps=1000)
+    trainer.add_callback(callback)
+    try:
+        write_model_card(trainer, copy)
+    finally:
+        trainer.remove_callback(callback)
+    assert "2511.16326" in (copy / "README.md").read_text()
+    assert main(["card", str(copy)]) == 0  # the rewrite from the saved files still knows
+    assert "2511.16326" in (copy / "README.md").read_text()
 
 
 def test_check_hub_push_names_the_reason(tmp_path, monkeypatch):
@@ -192,7 +259,7 @@ def test_push_runs_up_to_the_upload_with_the_exact_files(tiny_xlmr_path, tmp_pat
     expected = {
         "README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
         "colbert_linear.pt", "sparse_linear.pt", "m3_heads.json", "modules.json", "1_Pooling/config.json",
-        "sentence_bert_config.json", "config_sentence_transformers.json", "training_args.bin",
+        "sentence_bert_config.json", "config_sentence_transformers.json", "training_args.bin", CARD_DATA_FILE,
     }  # fmt: skip
     assert expected <= set(committed["files"])
     assert "_scratch.txt" not in committed["files"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from transformers.utils import logging
 
@@ -77,6 +78,9 @@ class QwenTrainerConfig(RetrieverConfig):
         default=DEFAULT_LEARNING_RATE,
         metadata={"help": "Initial AdamW learning rate (6e-6: Qwen's full fine-tuning recipe; ~5e-5 for LoRA)."},
     )
+    # what __post_init__ turns an unset field into (the model card lists a field only when it differs)
+    resolved_defaults: ClassVar[dict[str, Any]] = {"activation_checkpointing": True}
+
     # `None` = unset, so the deprecated `gradient_checkpointing` alias still wins when given; __post_init__ turns
     # an unset value into True.
     activation_checkpointing: bool | None = field(
@@ -174,7 +178,7 @@ class QwenTrainerConfig(RetrieverConfig):
 
     def __post_init__(self) -> None:
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True
+            self.activation_checkpointing = self.resolved_defaults["activation_checkpointing"]
         super().__post_init__()
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required")
