@@ -176,7 +176,7 @@ def render(paths: list[str]) -> str:
         report = json.loads(Path(path).read_text())
         runs.append(f"- `{report['command']}` ({Path(path).name}: {report.get('total_seconds')} s)")
         cells.update({(c["config"], c["recipe"]): c for c in report["cells"]})
-    lines = ["Runs:", *runs, "", "| config | recipe | engine | loss @1 / @10 / @50 | tokens/s | peak GiB | saved "
+    lines = ["Runs:", *runs, "", "| config | recipe | engine | loss @1 / @10 / @last | tokens/s | peak GiB | saved "
              "| reload max abs diff / min cos | heads trained | result |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (config, recipe), c in sorted(cells.items(), key=lambda kv: (CONFIGS.index(kv[0][0]), kv[0][1])):
         if "error" in c:
@@ -187,7 +187,8 @@ def render(paths: list[str]) -> str:
         loss = " / ".join(f"{v:.3f}" if v is not None else "-" for v in c["loss"].values())
         ok = "trained, saved, reloaded" + ("" if c["reload_ok"] else " (diff above 1e-3)")
         lines.append(
-            f"| {config} | {recipe} | {c['engine']} | {loss} | {c['tokens_per_s']:,.0f} | {c['peak_memory_gib']:.1f} "
+            f"| {config} | {recipe} | {c['engine']} | {loss} | {c['tokens_per_s']:,.0f} "
+            f"| {'-' if c['peak_memory_gib'] is None else format(c['peak_memory_gib'], '.1f')} "
             f"| {','.join(d.removeprefix('torch.') for d in c['saved_dtype'])} "
             f"| {c['reload_max_abs_diff']:.1e} / {c['reload_min_cosine']:.6f} | {c['heads_trained']} | {ok} |"
         )
