@@ -6,10 +6,11 @@ in its own process. The worker:
 - trains ~50 steps with `mini_batch_size`;
 - records the loss at steps 1/10/50, tokens/s (non-padding tokens of queries and passages) and peak GPU memory;
 - embeds a fixed set of texts in memory;
-- saves the final model, reloads it from the folder, and checks that the reloaded embeddings match the
-  in-memory ones to 1e-3 (bf16).
+- saves the final model; then, in a fresh process of the same cell (its own process group, under the cell's
+  timeout), the folder is reloaded and the reloaded embeddings are compared with the in-memory ones (1e-3, bf16).
 
-A cell that fails records its error (the last lines of stderr), and the next cell still runs.
+A cell that fails records its error (the last lines of stderr), and the next cell still runs. Cells run
+`--parallel` at a time, and a new one starts as soon as any running cell ends.
 
 Models: random-weight replicas of BGE-M3 (XLM-R large: hidden 1024, 16 heads, FFN 4096, vocab 250,002) and
 Qwen3-Embedding-0.6B (hidden 1024, 16/8 heads, FFN 3072, vocab 151,669). Both use the real tokenizers from
@@ -27,12 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RELOAD_MARK = "==== engines.py: training done, reloading ===="
 CONFIGS = ["single_gpu", "multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp"]
 RECIPES = ["bge_m3", "qwen3_embedding", "qwen3_lora"]  # qwen3_lora: the Qwen3 recipe with `lora: true`
 TEXTS = [
@@ -282,12 +286,17 @@ def main() -> None:
         spec = cell_spec(name, recipe, models, data, work, steps, args.tiny, cpu)
         for stale in Path(spec["result"]).parent.glob(Path(spec["result"]).name + "*"):
             stale.unlink()
-        command = [
+        launch = [
             str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
             str(launch_config(name, work, cpu, port)), __file__, "--worker", json.dumps(spec),
         ]  # fmt: skip
+        reload = [sys.executable, __file__, "--reload", json.dumps(spec)]
+        # the reload follows the training in the cell's own process chain, so cells reload in parallel too
+        command = ["bash", "-c", f"{shlex.join(launch)} && echo {RELOAD_MARK} && {shlex.join(reload)}"]
         log = open(spec["result"] + ".log", "w")
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True
+        )
         return spec, proc, log, time.perf_counter()
 
     def finish(name: str, spec: dict, proc, log, t0: float) -> dict:
@@ -297,29 +306,32 @@ def main() -> None:
         try:
             proc.wait(timeout=max(1.0, args.cell_timeout - (time.perf_counter() - t0)))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
             proc.wait()
             cell["error"] = f"timed out after {args.cell_timeout} s"
         log.close()
-        cell["train_seconds"] = round(time.perf_counter() - t0, 1)
         text = Path(spec["result"] + ".log").read_text()
-        if "error" not in cell and proc.returncode != 0:
-            cell["error"] = worker_error(text)
-        elif "error" not in cell:
+        trained = Path(spec["result"]).exists()
+        if trained:
             result = json.loads(Path(spec["result"]).read_text())
             losses = result.pop("losses")
             cell["loss"] = {s: losses.get(str(s)) for s in (1, 10, steps)}
             cell.update(result)
-            check = subprocess.run(
-                [sys.executable, __file__, "--reload", json.dumps(spec)], capture_output=True, text=True,
-                env=env, cwd=ROOT, timeout=120,
-            )  # fmt: skip
-            if check.returncode == 0:
-                cell.update(json.loads(Path(spec["result"] + ".reload.json").read_text()))
-            else:
-                cell["error"] = "reload: " + worker_error(check.stderr)
+        if "error" not in cell and proc.returncode != 0:
+            reloading = trained and RELOAD_MARK in text
+            cell["error"] = ("reload: " if reloading else "") + worker_error(text.split(RELOAD_MARK)[-1])
+        elif "error" not in cell:
+            cell.update(json.loads(Path(spec["result"] + ".reload.json").read_text()))
         cell["seconds"] = round(time.perf_counter() - t0, 1)
         return cell
+
+    def next_finished():
+        """The first running cell that has ended or is past its timeout (cells end in any order)."""
+        while True:
+            for index, (_, _spec, proc, _log, t0) in enumerate(running):
+                if proc.poll() is not None or time.perf_counter() - t0 > args.cell_timeout:
+                    return running.pop(index)
+            time.sleep(0.5)
 
     # a `config:recipe` entry of --configs names one cell
     queue = [tuple(n.split(":")) if ":" in n else (n, r) for n in configs for r in args.recipes]
@@ -330,7 +342,7 @@ def main() -> None:
             port += 1
             name, recipe = queue.pop(0)
             running.append((name, *start(name, recipe, port)))
-        cell = finish(*running.pop(0))
+        cell = finish(*next_finished())
         print(json.dumps({k: v for k, v in cell.items() if k not in ("error", "argv")}),
               "ERROR\n" + cell["error"][-1500:] if "error" in cell else "", flush=True)  # fmt: skip
         report["cells"].append(cell)
