@@ -18,6 +18,7 @@ _import_structure: dict[str, list[str]] = {
     "ark_hf.trainer.qwen_trainer": ["QwenTrainer", "create_qwen_trainer"],
     "ark_hf.callbacks.alignment": ["AlignmentCallback"],
     "ark_hf.callbacks.curriculum": ["CurriculumCallback"],
+    "ark_hf.callbacks.hard_negatives": ["HardNegativeRefresh"],
     "ark_hf.evaluation.alignment": ["AlignmentEvaluator"],
     "ark_hf.evaluation.base": ["Evaluator"],
     "ark_hf.evaluation.ir": ["IREvaluator"],
@@ -41,6 +42,7 @@ __all__ = [
     "DataValidationError",
     "DecoderEmbedder",
     "Evaluator",
+    "HardNegativeRefresh",
     "IREvaluator",
     "InfoNCELoss",
     "LossOutput",
@@ -58,6 +60,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from ark_hf.callbacks.alignment import AlignmentCallback
     from ark_hf.callbacks.curriculum import CurriculumCallback
+    from ark_hf.callbacks.hard_negatives import HardNegativeRefresh
     from ark_hf.data.loading import load_training_records
     from ark_hf.data.schema import DataValidationError
     from ark_hf.evaluation.alignment import AlignmentEvaluator

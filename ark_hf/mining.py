@@ -49,7 +49,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -408,6 +408,8 @@ def mine_hard_negatives(
     show_progress_bar: bool = True,
     model_type: str = "auto",
     device: str | None = None,
+    distribute: Callable[[list[str], Callable[[list[str]], tuple[torch.Tensor, Any]]], tuple[torch.Tensor, Any]]
+    | None = None,
 ) -> MiningResult:
     """Mine hard negatives for training records with an ark_hf model (see the module docstring for the math).
 
@@ -435,6 +437,10 @@ def mine_hard_negatives(
         overwrite: replace an existing `output_path`.
         show_progress_bar: tqdm bars for encoding, retrieval and teacher scoring.
         model_type, device: how to load `model` when it is a name (see `load_mining_model`).
+        distribute: how a list of texts gets embedded: `distribute(texts, encode)` must return what
+            `encode(texts)` returns (dense vectors, lexical weights). A training run passes one that encodes a
+            shard per process and gathers the shards (`ark_hf.callbacks.hard_negatives`); `None` encodes every
+            text here. The corpus cache is not used with it (the model being trained changes every step).
 
     Returns:
         A `MiningResult` with the records and the counts.
@@ -492,16 +498,33 @@ def mine_hard_negatives(
             str(teacher), max_length=teacher_max_len, batch_size=batch_size, device=next(model.parameters()).device
         )
 
-    doc_dense, doc_lex, cached = _cached_corpus_embeddings(
-        model,
-        corpus_texts,
-        max_length=passage_max_len,
-        batch_size=batch_size,
-        sparse=sparse,
-        cache_dir=None if cache_dir is None else str(cache_dir),
-        progress=show_progress_bar,
-    )
-    q_dense, q_lex = _encode(model, queries, query_max_len, batch_size, sparse, "Encoding queries", show_progress_bar)
+    if distribute is None:
+        doc_dense, doc_lex, cached = _cached_corpus_embeddings(
+            model,
+            corpus_texts,
+            max_length=passage_max_len,
+            batch_size=batch_size,
+            sparse=sparse,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            progress=show_progress_bar,
+        )
+        q_dense, q_lex = _encode(
+            model, queries, query_max_len, batch_size, sparse, "Encoding queries", show_progress_bar
+        )
+    else:
+        cached = False
+        doc_dense, doc_lex = distribute(
+            corpus_texts,
+            lambda texts: _encode(
+                model, texts, passage_max_len, batch_size, sparse, "Encoding corpus", show_progress_bar
+            ),
+        )
+        q_dense, q_lex = distribute(
+            queries,
+            lambda texts: _encode(
+                model, texts, query_max_len, batch_size, sparse, "Encoding queries", show_progress_bar
+            ),
+        )
     if sparse:
         width = max(q_lex.shape[1], doc_lex.shape[1])
         q_lex.resize((q_lex.shape[0], width))

@@ -9,7 +9,7 @@ What it changes and why:
 - `_save`: saving goes through the model's own `save_pretrained` (backbone, heads, sentence-transformers files).
 - `_load_from_checkpoint`, `_load_best_model`: loading goes through the model's `load_weights_from` (heads and
   adapters included), except under DeepSpeed/FSDP, where the engines load their own shards.
-- `_load_callback_state`: the curriculum callback stays the instance the trainer bound.
+- `_load_callback_state`: the curriculum and hard-negative callbacks stay the instances the trainer bound.
 
 These overrides follow the code of the transformers version in `PINNED_TRANSFORMERS`; `OVERRIDDEN_SOURCE_HASHES`
 holds a hash of each overridden method's source there, and `tests/test_atomic_save.py` fails loudly when an
@@ -210,9 +210,10 @@ class AtomicSaveMixin:
 
     def _load_callback_state(self) -> None:
         # With restore_callback_states_from_checkpoint the Trainer rebuilds stateful callbacks from their saved
-        # arguments; the curriculum's state is a function of the global step, so keep the bound instance.
+        # arguments; the curriculum's state is a function of the global step and the hard-negative refresh restores
+        # its own from the state at on_train_begin, so keep the bound instances.
         Trainer._load_callback_state(self)
-        curriculum = getattr(self, "curriculum", None)
-        if curriculum is not None:
-            self.callback_handler.remove_callback(type(curriculum))
-            self.callback_handler.add_callback(curriculum)
+        for bound in (getattr(self, "curriculum", None), getattr(self, "negative_refresh", None)):
+            if bound is not None:
+                self.callback_handler.remove_callback(type(bound))
+                self.callback_handler.add_callback(bound)

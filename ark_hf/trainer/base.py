@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ark_hf.callbacks.curriculum import CurriculumCallback
+from ark_hf.callbacks.hard_negatives import HardNegativeRefresh
 from ark_hf.curriculum.stream import CurriculumStream
 from ark_hf.data.collator import RetrievalCollator
 from ark_hf.data.dataset import TrainGroupDataset
@@ -131,6 +132,10 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
                 check_group_feasibility(
                     train_dataset, args.train_group_size, use_teacher_scores=self.uses_teacher_scores(args)
                 )
+        self.negative_refresh = self._resolve_negative_refresh(args, callbacks)
+        if self.negative_refresh is not None:  # its corpus and teacher are checked before the weights load
+            records = train_dataset.records if isinstance(train_dataset, TrainGroupDataset) else train_dataset
+            self.negative_refresh.check_before_training(records or [], args, trust_remote_code=args.trust_remote_code)
         if evaluator is None and args.eval_data:
             evaluator = self.build_evaluator(args)
         self.evaluators: list[Evaluator] = (
@@ -149,6 +154,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
             set_seed(args.seed)
             model = self.build_model(args)
         model = self.prepare_model(model, args)
+        # the loss is the one authority on what the model computes in training (`RetrievalLoss.heads`)
+        model.set_training_outputs(self.loss.heads)
         # the config's speed switches reach every model this one way, whether the config built it or the user did
         apply_kernel_switches(model, args)
         if processing_class is None:
@@ -176,6 +183,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         self.curriculum_stream: CurriculumStream | None = None
         if self.curriculum is not None:
             self._bind_curriculum(stage_records)
+        if self.negative_refresh is not None:
+            self.negative_refresh.bind(self)
         self.grad_cache = GradCache(args.mini_batch_size) if args.mini_batch_size else None
         if self.grad_cache is not None and args.n_gpu > 1:  # DDP, DeepSpeed and FSDP: ark_hf/trainer/engines.py
             raise ValueError(
@@ -397,6 +406,20 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
             callback = CurriculumCallback.from_yaml(args.curriculum)
             callbacks.append(callback)
             return callback
+        return given[0] if given else None
+
+    @staticmethod
+    def _resolve_negative_refresh(
+        args: TrainingArguments, callbacks: list[TrainerCallback]
+    ) -> HardNegativeRefresh | None:
+        """The `HardNegativeRefresh` of `config.refresh_negatives` or of `callbacks` (at most one)."""
+        given = [callback for callback in callbacks if isinstance(callback, HardNegativeRefresh)]
+        from_config = HardNegativeRefresh.from_config(args)
+        if len(given) + (from_config is not None) > 1:
+            raise ValueError("pass one HardNegativeRefresh: config.refresh_negatives or callbacks=[...], not both")
+        if from_config is not None:
+            callbacks.append(from_config)
+            return from_config
         return given[0] if given else None
 
     def _load_stage_records(self, curriculum: CurriculumCallback, args: TrainingArguments) -> list[list[dict]]:

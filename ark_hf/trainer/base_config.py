@@ -49,6 +49,13 @@ class RetrieverConfig(TrainingArguments):
         eval_data (`str` or `None`): An evaluation set (JSON with queries, corpus, qrels, or a jsonl of records).
         eval_modes (`list[str]`): Scoring modes to evaluate.
 
+        > Hard negatives refreshed during training
+
+        refresh_negatives (`str`, defaults to `"no"`): `steps`, `epoch` or `no` (`ark_hf.callbacks.hard_negatives`).
+        refresh_negatives_steps (`int` or `None`): Optimizer steps between refreshes.
+        refresh_negatives_corpus (`list[str]` or `None`): Candidate passages besides the training positives.
+        refresh_negatives_teacher (`str` or `None`): Drops candidates it scores at or above the positive.
+
         > Safety
 
         overwrite_output_dir (`bool`, defaults to `False`): Allow writing into a non-empty output_dir.
@@ -193,6 +200,53 @@ class RetrieverConfig(TrainingArguments):
         },
     )
     eval_batch_size_encode: int = field(default=64, metadata={"help": "Batch size when encoding the eval corpus."})
+    refresh_negatives: str = field(
+        default="no",
+        metadata={
+            "help": "Re-mine the hard negatives with the model being trained (ark_hf.callbacks.hard_negatives): "
+            "'steps' every refresh_negatives_steps optimizer steps, 'epoch' at the start of every epoch, 'no' never.",
+            "choices": ["no", "steps", "epoch"],
+        },
+    )
+    refresh_negatives_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps between two refreshes (refresh_negatives=steps; >= 1)."}
+    )
+    refresh_negatives_at_start: bool = field(
+        default=False,
+        metadata={"help": "Also mine once before the first step, with the initial model (always so with 'epoch')."},
+    )
+    refresh_negatives_corpus: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Candidate passages besides the training positives: .txt (one a line) or .jsonl files. The "
+            "corpus must hold every training positive (the collection the data comes from).",
+            "nargs": "+",
+        },
+    )
+    refresh_negatives_num: int | None = field(
+        default=None, metadata={"help": "Negatives per record at each refresh; default train_group_size - 1."}
+    )
+    refresh_negatives_range_max: int | None = field(
+        default=None,
+        metadata={"help": "Candidates come from the ranks [0, range_max) (ark_hf.mining); default as `ark-hf mine`."},
+    )
+    refresh_negatives_relative_margin: float | None = field(
+        default=0.05,
+        metadata={"help": "Drop candidates above p - |p| * margin (p: lowest positive score; NV-Retriever's 0.05)."},
+    )
+    refresh_negatives_teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cross-encoder (or bi-encoder) that drops mined candidates it scores at or above the positive "
+            "(likely false negatives); the KD teacher_model is reused when it is the same model."
+        },
+    )
+    refresh_negatives_teacher_pool: int = field(
+        default=3, metadata={"help": "With a teacher: candidates judged per kept negative."}
+    )
+    refresh_negatives_batch_size: int = field(
+        default=64, metadata={"help": "Texts per forward pass when re-encoding the corpus."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -270,5 +324,13 @@ class RetrieverConfig(TrainingArguments):
             from ark_hf.curriculum.plan import load_stage_plan
 
             load_stage_plan(self.curriculum)  # a bad plan fails here, before a model loads or a file is written
+        if self.refresh_negatives not in ("no", "steps", "epoch"):
+            raise ValueError(f"refresh_negatives must be 'no', 'steps' or 'epoch', got {self.refresh_negatives!r}")
+        if self.refresh_negatives_steps is not None and self.refresh_negatives_steps < 1:
+            raise ValueError(f"refresh_negatives_steps must be >= 1, got {self.refresh_negatives_steps}")
+        if self.refresh_negatives == "steps" and self.refresh_negatives_steps is None:
+            raise ValueError(
+                "refresh_negatives=steps needs refresh_negatives_steps (optimizer steps between refreshes)"
+            )
         if self.same_dataset_within_batch and self.no_duplicates_in_batch:
             raise ValueError("choose one of same_dataset_within_batch and no_duplicates_in_batch")

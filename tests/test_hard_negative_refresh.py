@@ -1,0 +1,268 @@
+"""`HardNegativeRefresh`: hard negatives re-mined with the model being trained (ark_hf/callbacks/hard_negatives.py).
+
+A refresh with a frozen model gives exactly the negatives of offline mining (`ark_hf.mining`); with a trained model
+the negatives change, never hold a positive, nor a candidate the teacher scored at or above the positive; a run
+killed after a checkpoint and resumed trains on the negatives of the uninterrupted run; two DDP processes hold the
+same negatives; bad input is refused before any weights load.
+
+This file is also the worker of the DDP test: `accelerate launch tests/test_hard_negative_refresh.py ddp OUT ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ark_hf import BGEM3Model, BGETrainer, BGETrainerConfig, HardNegativeRefresh  # noqa: E402
+from ark_hf.assets import load_faq  # noqa: E402
+from ark_hf.callbacks.hard_negatives import content_key  # noqa: E402
+from ark_hf.mining import mine_hard_negatives  # noqa: E402
+
+N_RECORDS, N_CORPUS = 16, 48
+# a tiny random model scores every text alike (cosines near 1), so the margin that suits it is absolute: nothing
+# scoring above the positive
+MINING = {"num_negatives": 3, "range_max": 12, "absolute_margin": 0.0}
+
+
+def faq_data() -> tuple[list[dict], list[str]]:
+    """16 FAQ question -> answer records, and a corpus of 48 answers that holds their positives."""
+    rows = load_faq("en")[:N_CORPUS]
+    records = [{"query": r["q"], "pos": [r["a"]]} for r in rows[:N_RECORDS]]
+    return records, [r["a"] for r in rows]
+
+
+def make_config(out: Path, **overrides) -> BGETrainerConfig:
+    base = dict(
+        output_dir=str(out), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        per_device_train_batch_size=4, train_group_size=4, query_max_len=16, passage_max_len=32,
+        max_steps=2, logging_steps=1, learning_rate=1e-3, seed=5, unified_finetuning=False,
+        dataloader_drop_last=True,
+    )  # fmt: skip
+    base.update(overrides)
+    return BGETrainerConfig(**base)
+
+
+def make_model(path: str) -> BGEM3Model:
+    torch.manual_seed(0)
+    return BGEM3Model(path, unified_finetuning=False, init_missing_heads=True)
+
+
+def negatives_of(trainer) -> list[list[str]]:
+    return [list(record["neg"]) for record in trainer.train_dataset.records]
+
+
+def refresh_logs(trainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "hard_negatives/seconds" in h]
+
+
+def write_corpus(path: Path, texts: list[str]) -> str:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory, tiny_xlmr_path) -> str:
+    """A tiny random cross-encoder (sequence classification, 1 label) with the real XLM-R tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, XLMRobertaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny_xlmr_path, num_labels=1)
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("teacher") / "cross_encoder"
+    XLMRobertaForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_xlmr_path).save_pretrained(folder)
+    return str(folder)
+
+
+def test_refresh_with_a_frozen_model_reproduces_offline_mining(tiny_xlmr_path, tmp_path):
+    records, corpus = faq_data()
+    model = make_model(tiny_xlmr_path)
+    offline = mine_hard_negatives(
+        records, model, corpus=corpus, query_max_len=16, passage_max_len=32, show_progress_bar=False, **MINING
+    )
+    refresh = HardNegativeRefresh(every_n_steps=1, at_start=True, corpus=corpus, **MINING)
+    config = make_config(tmp_path / "frozen", learning_rate=0.0)  # the model does not move
+    trainer = BGETrainer(model=model, config=config, train_dataset=records, callbacks=[refresh])
+    trainer.train()
+    expected = [out["neg"] for out in offline.records]
+    assert negatives_of(trainer) == expected
+    assert any(expected)
+    logs = refresh_logs(trainer)
+    assert [h["step"] for h in logs] == [0, 1]  # at start, after step 1 (not after the last step)
+    for entry in logs:
+        assert entry["hard_negatives/corpus"] == N_CORPUS
+        assert entry["hard_negatives/teacher_filtered"] == 0
+        assert entry["hard_negatives/seconds"] > 0
+        assert 0 < entry["hard_negatives/full_group_share"] <= 1
+        assert entry["hard_negatives/margin"] > 0  # the margin keeps negatives below the positive
+    assert logs[1]["hard_negatives/changed_share"] == 0  # same model, same negatives
+
+
+def test_trained_model_changes_negatives_never_a_positive_nor_a_teacher_filtered_text(
+    tiny_xlmr_path, teacher_path, tmp_path
+):
+    from ark_hf.models.teacher import TeacherScorer
+
+    records, corpus = faq_data()
+    # two records share a query: their positives are both positives of that query, never its negatives
+    records.append({"query": records[0]["query"], "pos": [records[1]["pos"][0]]})
+    refresh = HardNegativeRefresh(
+        every_n_steps=3, at_start=True, corpus=corpus, num_negatives=3, range_max=24, teacher=teacher_path
+    )
+    config = make_config(tmp_path / "trained", max_steps=4, learning_rate=2e-3)
+    trainer = BGETrainer(
+        model=make_model(tiny_xlmr_path), config=config, train_dataset=records, callbacks=[refresh]
+    )
+    start_negatives: list[list[str]] = []
+    original_refresh = refresh.refresh
+
+    def capture(model, step):
+        metrics = original_refresh(model, step)
+        if step == 0:
+            start_negatives.extend(negatives_of(trainer))
+        return metrics
+
+    refresh.refresh = capture
+    trainer.train()
+    final = negatives_of(trainer)
+    logs = refresh_logs(trainer)
+    assert [h["step"] for h in logs] == [0, 3]
+    assert final != start_negatives and logs[1]["hard_negatives/changed_share"] > 0
+    assert sum(h["hard_negatives/teacher_filtered"] for h in logs) > 0
+
+    positives_of: dict[str, set[str]] = {}
+    for record in records:
+        positives_of.setdefault(record["query"], set()).update(content_key(p) for p in record["pos"])
+    teacher = TeacherScorer(teacher_path)
+    for record, negatives in zip(records, final):
+        assert not {content_key(n) for n in negatives} & positives_of[record["query"]]
+        assert content_key(record["query"]) not in {content_key(n) for n in negatives}
+        if negatives:
+            scores = teacher.score([record["query"]], list(record["pos"]) + negatives)[0].tolist()
+            assert max(scores[len(record["pos"]) :]) < min(scores[: len(record["pos"])])
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_resume_after_a_kill_restores_the_negatives(tiny_xlmr_path, tmp_path):
+    from transformers import TrainerCallback
+
+    records, corpus = faq_data()
+    corpus_file = write_corpus(tmp_path / "corpus.jsonl", corpus)
+    settings = dict(
+        max_steps=4, save_strategy="steps", save_steps=3, refresh_negatives="steps", refresh_negatives_steps=2,
+        refresh_negatives_corpus=[corpus_file], refresh_negatives_num=3, refresh_negatives_range_max=12,
+        refresh_negatives_relative_margin=None,
+    )  # fmt: skip
+
+    full = BGETrainer(
+        model=make_model(tiny_xlmr_path), config=make_config(tmp_path / "full", **settings), train_dataset=records
+    )
+    full.train()
+    expected = negatives_of(full)
+    assert expected != [[] for _ in records]  # the step-2 refresh (the only one: step 4 is the last) mined them
+
+    class KillAfterCheckpoint(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # checkpoint-3 is on disk, step 4 never runs
+                raise _Kill
+
+    out = tmp_path / "killed"
+    killed = BGETrainer(
+        model=make_model(tiny_xlmr_path),
+        config=make_config(out, **settings),
+        train_dataset=[dict(r) for r in records],
+        callbacks=[KillAfterCheckpoint()],
+    )
+    with pytest.raises(_Kill):
+        killed.train()
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["HardNegativeRefresh"]["attributes"]
+    assert saved["last_refresh_step"] == 2
+
+    resumed = BGETrainer(
+        model=make_model(tiny_xlmr_path),
+        config=make_config(out, overwrite_output_dir=True, **settings),
+        train_dataset=[dict(r) for r in records],
+    )
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    assert [h["step"] for h in refresh_logs(resumed)] == [2]  # the checkpoint's history; restored, not re-mined
+    assert negatives_of(resumed) == expected
+
+
+def test_bad_input_is_refused_before_weights_load(tiny_xlmr_path, tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer, XLMRobertaForSequenceClassification
+
+    def no_weights(self, args):
+        raise AssertionError("weights loaded before the refusal")
+
+    monkeypatch.setattr(BGETrainer, "build_model", no_weights)
+    records, corpus = faq_data()
+    common = dict(model_name_or_path=tiny_xlmr_path, refresh_negatives="epoch")
+
+    lacking = write_corpus(tmp_path / "lacking.jsonl", corpus[N_RECORDS - 1 :])  # 15 of 16 positives missing
+    config = make_config(tmp_path / "a", refresh_negatives_corpus=[lacking], **common)
+    with pytest.raises(ValueError, match=r"lacks 15 training positive\(s\)"):
+        BGETrainer(config=config, train_dataset=records)
+
+    with pytest.raises(ValueError, match="refresh_negatives_steps must be >= 1, got 0"):
+        make_config(tmp_path / "b", refresh_negatives="steps", refresh_negatives_steps=0)
+    with pytest.raises(ValueError, match="every_n_steps .* must be >= 1, got 0"):
+        HardNegativeRefresh(every_n_steps=0)
+
+    # a teacher saved with a tokenizer larger than its embedding matrix (another model's tokenizer)
+    teacher_config = AutoConfig.from_pretrained(tiny_xlmr_path, num_labels=1, vocab_size=1000)
+    folder = tmp_path / "mismatched_teacher"
+    XLMRobertaForSequenceClassification(teacher_config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_xlmr_path).save_pretrained(folder)
+    config = make_config(tmp_path / "c", refresh_negatives_teacher=str(folder), **common)
+    with pytest.raises(ValueError, match="does not belong to these weights"):
+        BGETrainer(config=config, train_dataset=records)
+
+
+# ------------------------------------------------------------------------------------------------ DDP (2 processes)
+
+
+@pytest.mark.slow
+def test_ddp_processes_hold_the_same_negatives(tiny_xlmr_path, tmp_path):
+    """2 CPU processes (gloo, the shipped multi_gpu.yaml): each embeds half the corpus; every rank ends with the same
+    negatives, equal to one process's refresh of the same model (learning rate 0, so the model is the same)."""
+    from tests.test_engines import _launch, cpu_config
+
+    _launch(cpu_config("multi_gpu", tmp_path), __file__, "ddp", str(tmp_path), tiny_xlmr_path)
+    ranks = [json.loads((tmp_path / f"negatives_rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["negatives"] and any(ranks[0]["negatives"])
+
+    records, corpus = faq_data()
+    single = mine_hard_negatives(
+        records, make_model(tiny_xlmr_path), corpus=corpus, query_max_len=16, passage_max_len=32,
+        show_progress_bar=False, **MINING,
+    )  # fmt: skip
+    assert ranks[0]["negatives"] == [out["neg"] for out in single.records]
+
+
+def _ddp_worker(out: str, model_path: str) -> None:
+    records, corpus = faq_data()
+    refresh = HardNegativeRefresh(every_n_steps=1, at_start=True, corpus=corpus, **MINING)
+    config = make_config(Path(out) / "run", learning_rate=0.0, per_device_train_batch_size=2)
+    trainer = BGETrainer(model=make_model(model_path), config=config, train_dataset=records, callbacks=[refresh])
+    trainer.train()
+    rank = trainer.args.process_index
+    logs = [{k: v for k, v in h.items() if k != "hard_negatives/seconds"} for h in refresh_logs(trainer)]
+    payload = {"world": trainer.accelerator.num_processes, "negatives": negatives_of(trainer), "logs": logs}
+    assert payload["world"] == 2
+    (Path(out) / f"negatives_rank{rank}.json").write_text(json.dumps(payload))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
+    torch.set_num_threads(1)
+    _ddp_worker(sys.argv[2], sys.argv[3])
