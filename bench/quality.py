@@ -25,6 +25,10 @@ Configurations:
   scoring mode; `all` with the fixed weights 1/0.3/1 and `all_dev` with weights chosen on the dev split.
 - `ark_mined`: one round of hard negatives mined with the backbone itself (`ark_hf.mining.mine_hard_negatives`,
   dense, positive-aware relative margin 0.05, top 3 of ranks [0, 30)), then `ark_dense` with `train_group_size=4`.
+- `ark_refresh`: `ark_mined`'s records and settings, and the negatives re-mined with the model being trained every
+  `--refresh_steps` optimizer steps (`HardNegativeRefresh`, same mining rules, same corpus of 503 answers).
+- `ark_refresh_teacher`: `ark_refresh`, and the zero-shot backbone as a bi-encoder teacher (`TeacherScorer`) drops the
+  candidates it scores at or above the positive (3 candidates judged per kept negative).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ark_hf import BGEM3Model, BGETrainer, BGETrainerConfig  # noqa: E402
+from ark_hf import BGEM3Model, BGETrainer, BGETrainerConfig, HardNegativeRefresh  # noqa: E402
 from ark_hf.assets import load_faq, minilm_path  # noqa: E402
 from ark_hf.evaluation.ir import IREvaluator, compute_metrics  # noqa: E402
 from ark_hf.evaluation.weights import search_mode_weights  # noqa: E402
@@ -55,7 +59,17 @@ SHOWN = ("ndcg@10", "mrr@10", "recall@10")
 M3_MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
 HELD_OUT, DEV = 103, 50
 QUERY_LEN, PASSAGE_LEN = 48, 160
-CONFIGS = ("zero_shot", "st_mnrl_default", "st_mnrl_same_hp", "ark_dense", "ark_m3_sd", "ark_mined")
+CONFIGS = (
+    "zero_shot",
+    "st_mnrl_default",
+    "st_mnrl_same_hp",
+    "ark_dense",
+    "ark_m3_sd",
+    "ark_mined",
+    "ark_refresh",
+    "ark_refresh_teacher",
+)
+MINING = {"num_negatives": 3, "range_max": 30, "relative_margin": 0.05}  # ark_mined's rules, offline and refreshed
 
 
 def splits(name: str) -> dict:
@@ -164,7 +178,9 @@ def ark_config(out: str, seed: int, recipe: dict, **overrides) -> BGETrainerConf
     return BGETrainerConfig(**settings)
 
 
-def ark_run(data: dict, seed: int, recipe: dict, out: str, train=None, **overrides) -> tuple[dict, float, dict]:
+def ark_run(
+    data: dict, seed: int, recipe: dict, out: str, train=None, callbacks=None, **overrides
+) -> tuple[dict, float, dict]:
     config = ark_config(out, seed, recipe, **overrides)
     torch.manual_seed(seed)
     model = BGEM3Model(
@@ -173,12 +189,20 @@ def ark_run(data: dict, seed: int, recipe: dict, out: str, train=None, **overrid
         init_missing_heads=True,
         pooling="mean",
     )
-    trainer = BGETrainer(model=model, config=config, train_dataset=train or data["train"])
+    trainer = BGETrainer(model=model, config=config, train_dataset=train or data["train"], callbacks=callbacks)
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
     model = trainer.model.eval()
     extra: dict = {}
+    refreshes = [
+        {k.split("/")[1]: v for k, v in h.items() if k.startswith("hard_negatives/")} | {"step": h["step"]}
+        for h in trainer.state.log_history
+        if "hard_negatives/seconds" in h
+    ]
+    if refreshes:
+        extra["refreshes"] = refreshes
+        extra["refresh_share_of_train_time"] = sum(r["seconds"] for r in refreshes) / seconds
     if config.unified_finetuning:
         dev_q, dev_qrels = data["dev"]
         dev_ev = evaluator(dev_q, dev_qrels, data["corpus"], modes=("dense", "sparse", "colbert"))
@@ -207,9 +231,7 @@ def mined_records(data: dict) -> tuple[list[dict], dict, float]:
         data["train"],
         model,
         corpus=list(data["corpus"].values()),  # every answer of the collection can be a negative
-        num_negatives=3,
-        range_max=30,
-        relative_margin=0.05,
+        **MINING,
         query_max_len=QUERY_LEN,
         passage_max_len=PASSAGE_LEN,
         show_progress_bar=False,
@@ -278,6 +300,7 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--warmup", type=float, default=0.1)
     parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--refresh_steps", type=int, default=4, help="Steps between refreshes (ark_refresh*).")
     parser.add_argument("--out", default="bench/results/quality_cpu")
     parser.add_argument("--resume", action="store_true", help="Keep the finished (data set, configuration) entries.")
     args = parser.parse_args()
@@ -340,7 +363,7 @@ def main() -> None:
                 record(config, ["dense"], runs)
                 continue
             extra: dict = {}
-            if config == "ark_mined":
+            if config in ("ark_mined", "ark_refresh", "ark_refresh_teacher"):
                 mined, stats, seconds = mined_records(data)
                 extra = {
                     "mining_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, bool, str))},
@@ -359,10 +382,22 @@ def main() -> None:
                     metrics, seconds, info = ark_run(
                         data, seed, recipe, run_dir, unified_finetuning=True, use_self_distill=True
                     )
-                else:  # ark_mined
+                elif config == "ark_mined":
                     metrics, seconds, info = ark_run(
                         data, seed, recipe, run_dir, train=mined, unified_finetuning=False, train_group_size=4
                     )
+                else:  # ark_refresh, ark_refresh_teacher: the offline-mined start, re-mined during training
+                    refresh = HardNegativeRefresh(
+                        every_n_steps=args.refresh_steps,
+                        corpus=list(data["corpus"].values()),
+                        teacher=str(minilm_path()) if config == "ark_refresh_teacher" else None,
+                        batch_size=64,
+                        **MINING,
+                    )
+                    metrics, seconds, info = ark_run(
+                        data, seed, recipe, run_dir, train=[dict(r) for r in mined], callbacks=[refresh],
+                        unified_finetuning=False, train_group_size=4,
+                    )  # fmt: skip
                 runs.append({"seed": seed, "metrics": metrics, "train_seconds": seconds, **info})
             modes = [*M3_MODES, "all_dev"] if config == "ark_m3_sd" else ["dense"]
             record(config, modes, runs, **extra)
