@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ark_hf.utils.quiet import silence_deepspeed_cpu_notice
+
 __version__ = "0.1.0"
+
+silence_deepspeed_cpu_notice()  # accelerate's DeepSpeed probe on each save would print it on every CPU machine
 
 # module -> public names it defines; `ark_hf.<name>` imports the module on first use (as transformers' _LazyModule)
 _import_structure: dict[str, list[str]] = {

@@ -52,10 +52,13 @@ def _own_options_help(config_cls: type) -> str:
     from transformers import TrainingArguments
 
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    final = {f.name: f for f in dataclasses.fields(config_cls)}  # a subclass's default and help win
     lines = [f"{config_cls.__name__}: ark_hf's options (TrainingArguments' options follow)", ""]
+    listed: set[str] = set()
     for cls in reversed([c for c in config_cls.__mro__ if dataclasses.is_dataclass(c) and c is not TrainingArguments]):
-        own = [f for f in dataclasses.fields(cls) if f.name in vars(cls).get("__annotations__", {})]
+        own = [final[name] for name in vars(cls).get("__annotations__", {}) if name in final and name not in listed]
         own = [f for f in own if f.name not in inherited or f.name in ("learning_rate", "logging_steps")]
+        listed.update(f.name for f in own)
         if not own:
             continue
         lines.append(f"{cls.__name__}:")
@@ -69,15 +72,63 @@ def _own_options_help(config_cls: type) -> str:
     return "\n".join(lines)
 
 
+def _train_help() -> str:
+    """`ark-hf train --help`: the recipes and the shipped configs."""
+    configs = sorted(
+        path.stem
+        for path in (Path(__file__).parent / "recipes" / "configs").glob("*.yaml")
+        if "\nstages:" not in "\n" + path.read_text(encoding="utf-8")  # a stage plan is passed as --curriculum
+    )
+    return "\n".join(
+        [
+            f"usage: ark-hf train {{{','.join(RECIPES)}}} [--config NAME_OR_YAML] [options]",
+            "",
+            "recipes:",
+            "  bge-m3    BGETrainer: BGE-M3 (dense, sparse and ColBERT heads) on any encoder",
+            "  qwen3     QwenTrainer: a decoder embedder with Qwen3-Embedding's InfoNCE",
+            "",
+            f"shipped configs (--config NAME): {', '.join(configs)}",
+            "`ark-hf train RECIPE --help` lists the recipe's options.",
+        ]
+    )
+
+
+def _training_arguments_help(config_cls: type) -> str:
+    """The `TrainingArguments` flags a config also takes, by name only (their help: `--help-all`)."""
+    import textwrap
+
+    from transformers import TrainingArguments
+
+    # those ark_hf declares again (learning_rate, logging_steps) are in the list above
+    own = {name for cls in config_cls.__mro__[: config_cls.__mro__.index(TrainingArguments)]
+           for name in vars(cls).get("__annotations__", {})}  # fmt: skip
+    names = [f"--{f.name}" for f in dataclasses.fields(TrainingArguments) if f.init and f.name not in own]
+    return "\n".join(
+        [
+            "TrainingArguments' options, also taken (`--help-all` shows each one's help):",
+            textwrap.fill(" ".join(names), width=118, initial_indent="  ", subsequent_indent="  "),
+        ]
+    )
+
+
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
-    if any(flag in rest for flag in ("-h", "--help")):
+    asks_help = any(flag in rest for flag in ("-h", "--help"))
+    if args.recipe is None:
+        if asks_help:
+            print(_train_help())
+            return 0
+        raise ValueError(f"name a recipe: ark-hf train {{{','.join(RECIPES)}}} ... (`ark-hf train --help`)")
+    if "--help-all" in rest:  # the recipe parser's own help: every option with its help text
+        _recipe(args.recipe).main(["--help"])
+        return 0
+    if asks_help:
         module_name, class_name = CONFIGS[args.recipe]
         config_cls = getattr(importlib.import_module(module_name), class_name)
+        print(f"usage: ark-hf train {args.recipe} [--config NAME_OR_YAML] [options]\n")
         print(_own_options_help(config_cls))
-        print("All options (TrainingArguments and ark_hf), as the recipe parses them:\n")
-    metrics = _recipe(args.recipe).main(rest)
-    if metrics:
-        print(json.dumps(metrics, indent=2))
+        print(_training_arguments_help(config_cls))
+        return 0
+    _recipe(args.recipe).main(rest)  # prints the metrics table itself (and writes retrieval_metrics.json)
     return 0
 
 
@@ -200,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", parents=[debug], add_help=False, help="Fine-tune with a recipe (same flags as the recipe)."
     )
-    train.add_argument("recipe", choices=list(RECIPES), help="bge-m3 (BGETrainer) or qwen3 (QwenTrainer).")
+    train.add_argument("recipe", nargs="?", choices=list(RECIPES), help="bge-m3 (BGETrainer) or qwen3 (QwenTrainer).")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", parents=[debug], help="Evaluate a saved model on an evaluation set.")

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import cached_file, logging
 
+from ark_hf.models.backbone import load_encoder_backbone
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
 from ark_hf.models.packing import (
     PackedBatch,
@@ -137,6 +138,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         padding_free: bool = False,
     ) -> None:
         super().__init__()
+        self._pooler_state: dict[str, torch.Tensor] = {}
         name = model_name if model_name is not None else model_name_or_path
         if name is None and backbone is None:
             raise ValueError("BGEM3Model needs `model_name` (a Hub name or a local folder) or a `backbone`")
@@ -158,10 +160,8 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
                 load_kwargs["dtype"] = torch_dtype
             if attn_implementation is not None:
                 load_kwargs["attn_implementation"] = attn_implementation
-            try:  # BERT-style encoders carry an unused pooler: leave it out (DDP would see unused parameters)
-                backbone = AutoModel.from_pretrained(name, add_pooling_layer=False, **load_kwargs)
-            except TypeError:
-                backbone = AutoModel.from_pretrained(name, **load_kwargs)
+            # BERT-style encoders carry a pooler no head uses: loaded without it, its weights saved back unchanged
+            backbone, self._pooler_state = load_encoder_backbone(name, **load_kwargs)
         model_type = getattr(backbone.config, "model_type", "")
         if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             raise ValueError(
@@ -478,6 +478,8 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
                 if prefix in parts:
                     parts[prefix][rest] = value
             kwargs["state_dict"] = parts["model"]
+        if self._pooler_state:  # so that other loaders, which build the pooler, find its weights
+            kwargs["state_dict"] = {**kwargs.get("state_dict", self.model.state_dict()), **self._pooler_state}
         self.model.save_pretrained(output_dir, **kwargs)
         self.tokenizer.save_pretrained(output_dir)
         if self.has_heads:
