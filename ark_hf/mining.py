@@ -309,7 +309,7 @@ def _cached_corpus_embeddings(
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
         with os.fdopen(handle, "wb") as out:
             np.savez(out, **arrays)
-        os.replace(tmp, path)  # a reader never sees a half-written cache file
+        _replace_as_new_file(tmp, path)  # a reader never sees a half-written cache file
         logger.info("corpus embeddings cached in %s", path)
     return dense, lexical, False
 
@@ -364,6 +364,15 @@ def _check_output(output_path: str | os.PathLike | None, overwrite: bool) -> Non
         raise ValueError(f"output {path}: {parent} is not writable")
 
 
+def _replace_as_new_file(tmp: str, path: Path) -> None:
+    """Rename a `mkstemp` file onto `path` with the mode of any new file (0666 less the umask, e.g. 0644):
+    `mkstemp` creates it 0600, readable by its owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_records(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
     """Write ark_hf jsonl atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -373,7 +382,7 @@ def write_records(records: Sequence[Mapping[str, Any]], path: str | os.PathLike)
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             for record in records:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        _replace_as_new_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

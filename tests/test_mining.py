@@ -9,6 +9,7 @@ negatives against sentence-transformers' `mine_hard_negatives` on the same model
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -287,6 +288,9 @@ def test_corpus_cache_is_keyed_by_the_weights(records, tiny_m3, tmp_path):
             tiny_m3.model.embeddings.word_embeddings.weight[5] -= 0.01
     assert not moved.stats["corpus_from_cache"]
     assert len(list(tmp_path.glob("corpus-*.npz"))) == 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.stat().st_mode & 0o777 for path in tmp_path.glob("corpus-*.npz")} == {0o666 & ~umask}  # not 0600
 
 
 def test_bad_input_fails_before_the_model_loads(records, tmp_path):

@@ -89,7 +89,8 @@ def make_config(
         seed=seed,
         use_cpu=not torch.cuda.is_available(),
         save_strategy="no",
-        logging_steps=5,
+        logging_steps=1,
+        logging_first_step=True,
         report_to="none",
         disable_tqdm=True,
     )
