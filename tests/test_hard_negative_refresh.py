@@ -152,6 +152,7 @@ class _Kill(Exception):
     pass
 
 
+@pytest.mark.slow  # three short trainings: about 30 s of CPU
 def test_resume_after_a_kill_restores_the_negatives(tiny_xlmr_path, tmp_path):
     from transformers import TrainerCallback
 
