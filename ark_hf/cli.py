@@ -231,10 +231,10 @@ def _card(args: argparse.Namespace, rest: list[str]) -> int:
         )
         state_file = checkpoints[-1] if checkpoints else None
     log_history = TrainerState.load_from_json(str(state_file)).log_history if state_file else []
-    recorded = (folder / CARD_DATA_FILE).is_file()
     path = write_model_card(
         log_history, folder, args=training_args, model_id=args.model_id, model_name=args.model_name
     )
+    recorded = json.loads((folder / CARD_DATA_FILE).read_text(encoding="utf-8")).get("eval_rows")  # as merged
     source = f"evaluation rows from {CARD_DATA_FILE}" if recorded else "no evaluation table"
     print(f"model card written to {path}" + ("" if state_file else f" (no trainer_state.json: {source})"))
     return 0
