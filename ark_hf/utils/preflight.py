@@ -42,6 +42,7 @@ __all__ = [
     "ModelNotFoundError",
     "TokenizerError",
     "check_accelerate_config",
+    "check_accelerate_config_file",
     "check_batches",
     "check_before_training",
     "check_checkpoint_matches",
@@ -204,6 +205,66 @@ def check_accelerate_config(args: Any, environ: dict[str, str] | None = None) ->
             f"mini_batch_size={mini} and gradient accumulation: each process's batch must split into whole "
             "mini-batches; make per_device_train_batch_size a multiple of mini_batch_size"
         )
+
+
+def check_accelerate_config_file(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict:
+    """Refuse a launch config whose machines cannot meet, before `accelerate launch` starts anything.
+
+    With several machines, `accelerate launch` hands the values to torch's rendezvous. The rendezvous waits for
+    every machine before it starts a training process. So a missing `main_process_ip`, or a `machine_rank` that no
+    machine can match, waits without end instead of failing, and no check inside training ever runs.
+    `python -m ark_hf.launch` calls this first.
+
+    Args:
+        path: the accelerate config file (YAML or JSON).
+        overrides: values given on the `accelerate launch` command line (`machine_rank`, `num_machines`,
+            `num_processes`, `main_process_ip`, `main_process_port`); they win over the file's, as in accelerate.
+
+    Returns:
+        The config with the overrides applied.
+
+    Raises:
+        ConfigError: naming the file (or the command-line flag) and the key.
+    """
+    import yaml
+
+    text = Path(path).read_text(encoding="utf-8")
+    config = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    config.update(given)
+
+    def where(key: str) -> str:
+        return f"--{key} (on the accelerate launch command line)" if key in given else f"{path}: key '{key}'"
+
+    def integer(key: str, default: int) -> int:
+        value = default if config.get(key) is None else config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+            raise ConfigError(f"{where(key)} must be a whole number >= 0, got {value!r}")
+        return int(value)
+
+    machines = integer("num_machines", 1)
+    rank = integer("machine_rank", 0)
+    if machines < 1:
+        raise ConfigError(f"{where('num_machines')} must be at least 1, got {machines}")
+    if rank >= machines:
+        raise ConfigError(
+            f"{where('machine_rank')} is {rank}, outside num_machines: {machines} (ranks 0 to {machines - 1}): "
+            "give each machine its own rank, 0 on the machine at main_process_ip"
+        )
+    if machines > 1:
+        if not str(config.get("main_process_ip") or "").strip():
+            raise ConfigError(
+                f"{where('main_process_ip')} is missing: with num_machines: {machines} every machine needs the "
+                "address of the machine with machine_rank 0 (without it the launch waits without end)"
+            )
+        integer("main_process_port", 29500)
+        processes = integer("num_processes", machines)
+        if processes < machines or processes % machines:
+            raise ConfigError(
+                f"{where('num_processes')} is {processes}: it counts the processes of all machines together, so "
+                f"it must be a multiple of num_machines ({machines}), e.g. {machines} x the GPUs of one machine"
+            )
+    return config
 
 
 def metric_keys(modes: Iterable[str], name: str = "") -> set[str]:
@@ -578,6 +639,8 @@ def preflight(config: Any, trainer_cls: type | None = None) -> list[dict] | None
         model_path=model_path,
         data_paths=[*train_data, *_paths(eval_data)],
     )
+    # `check_before_training` (the same launch, once the model is built) then checks only the free space
+    config._output_dir_checked = str(Path(config.output_dir).resolve())
     if isinstance(resume, str):
         check_resume_checkpoint(resume, config.output_dir)
 
@@ -656,14 +719,19 @@ def check_before_training(trainer: Any, resume_from_checkpoint: Any = None) -> N
         check_output_dir_lock(args.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     model_path = getattr(model, "name_or_path", None) or getattr(args, "model_name_or_path", None)
-    check_output_dir(
-        args.output_dir,
-        overwrite=getattr(args, "overwrite_output_dir", False) or not args.should_save,
-        resume_from_checkpoint=resume_from_checkpoint,
-        required_bytes=checkpoint_bytes(model, args) if args.should_save else 0,
-        model_path=str(model_path) if model_path else None,
-        data_paths=[*_paths(getattr(args, "train_data", None)), *_paths(getattr(args, "eval_data", None))],
-    )
+    required_bytes = checkpoint_bytes(model, args) if args.should_save else 0
+    checked = args.__dict__.pop("_output_dir_checked", None)  # by `preflight`, earlier in this launch
+    if checked is not None and checked == str(Path(args.output_dir).resolve()):
+        check_free_space(args.output_dir, required_bytes)
+    else:
+        check_output_dir(
+            args.output_dir,
+            overwrite=getattr(args, "overwrite_output_dir", False) or not args.should_save,
+            resume_from_checkpoint=resume_from_checkpoint,
+            required_bytes=required_bytes,
+            model_path=str(model_path) if model_path else None,
+            data_paths=[*_paths(getattr(args, "train_data", None)), *_paths(getattr(args, "eval_data", None))],
+        )
     dataset = trainer.train_dataset
     if isinstance(dataset, TrainGroupDataset) and getattr(trainer, "curriculum", None) is None:
         from ark_hf.data.checks import check_group_feasibility
@@ -777,6 +845,13 @@ def check_output_dir(
         raise OutputDirError(f"output_dir {output_dir}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK):
         raise OutputDirError(f"output_dir {output_dir}: {probe} is not writable")
+    check_free_space(output_dir, required_bytes)
+
+
+def check_free_space(output_dir: str, required_bytes: int) -> None:
+    """Refuse an `output_dir` whose file system has less than `required_bytes` free (one checkpoint)."""
+    path = Path(output_dir)
+    probe = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
     if required_bytes and free < required_bytes:
         raise OutputDirError(
