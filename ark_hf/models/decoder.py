@@ -591,7 +591,10 @@ class DecoderEmbedder(PaddingFreeMixin, RetrieverModule):
             tokenizer.model_max_length = original_max_length
             if backend is not None:
                 backend.post_processor = original_processor
+        if getattr(self, "_saved_tokenizer_checked", False):
+            return  # the reload check depends on the tokenizer only: once per model (a Qwen3 reload costs seconds)
         saved = AutoTokenizer.from_pretrained(str(output_dir))
+        self._saved_tokenizer_checked = True
         if not self._appends_eos(saved):
             logger.warning(
                 "The tokenizer saved in %s does not append token %d when reloaded (%s rebuilds its post-processor); "
