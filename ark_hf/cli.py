@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     from ark_hf.evaluation.data import load_eval_set
     from ark_hf.evaluation.ir import METRICS, MODES, IREvaluator
-    from ark_hf.mining import load_mining_model
+    from ark_hf.models.loading import load_embedder
     from ark_hf.utils.cli import did_you_mean
     from ark_hf.utils.preflight import ModelNotFoundError, check_model_exists
 
@@ -151,7 +151,7 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     queries, corpus, qrels = load_eval_set(args.data, split=args.split)  # checked before the model loads
     check_model_exists(args.model, "model")
     try:
-        model = load_mining_model(args.model, args.model_type, args.device)
+        model = load_embedder(args.model, args.model_type, args.device)
     except OSError as error:  # the Hub has no such repository, or cannot be reached
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFoundError(f"model '{args.model}': cannot be loaded ({reason})") from error

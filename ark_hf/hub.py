@@ -486,6 +486,8 @@ def write_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    from ark_hf.models.loading import embedder_kind
+
     output_dir = Path(output_dir)
     trainer = trainer_or_state if hasattr(trainer_or_state, "state") and hasattr(trainer_or_state, "args") else None
     if trainer is not None:

@@ -18,8 +18,9 @@ are the union of theirs, as sentence-transformers' `mine_hard_negatives` treats 
    and the corpus texts.
 2. Score every corpus text: `s = <q, p>` (dense), or `s = (w_d <q, p> + w_s lex(q, p)) / (w_d + w_s)` (hybrid,
    FlagEmbedding's `sparse+dense` score), and rank the candidates by `s`, leaving out the query's own positives
-   and the query text itself. Identity is a content hash (SHA-1 of the stripped text), the same test the data
-   loader uses to drop a negative identical to a positive, so a mined negative is never dropped at load time.
+   and the query text itself. Identity is the content hash (`ark_hf.data.hashing.text_hash`) of the stripped
+   text, the same test the data loader uses to drop a negative identical to a positive, so a mined negative is
+   never dropped at load time.
 3. Keep the rank window `[range_min, range_max)` of that ranking (rank 0 is the most similar non-positive).
 4. Drop the candidates too close to the positive, with `p` the query's *lowest* positive score (the safe choice
    with several positives): absolute margin `s > p - absolute_margin`; relative margin
@@ -59,6 +60,7 @@ import torch
 from transformers.utils import logging
 
 from ark_hf.data.dataset import format_instruction
+from ark_hf.data.hashing import text_hash
 
 logger = logging.get_logger(__name__)
 
@@ -156,9 +158,9 @@ class MiningResult:
     output_path: str | None = None
 
 
-def text_hash(text: str) -> str:
-    """Content identity of a passage: SHA-1 of the text without surrounding whitespace (the loader's rule)."""
-    return hashlib.sha1(text.strip().encode("utf-8")).hexdigest()
+def _content_key(text: str) -> int:
+    """A passage's identity in mining: `text_hash` of the text without surrounding whitespace (the loader's rule)."""
+    return text_hash(text.strip())
 
 
 def load_corpus_file(path: str | os.PathLike) -> list[str]:
@@ -193,29 +195,11 @@ def load_corpus_file(path: str | os.PathLike) -> list[str]:
 
 
 def load_mining_model(name_or_path: str, model_type: str = "auto", device: str | None = None) -> torch.nn.Module:
-    """A `BGEM3Model` or `DecoderEmbedder` for mining, in eval mode on `device`.
+    """A `BGEM3Model` or `DecoderEmbedder` for mining, in eval mode on `device`: `ark_hf.models.loading.load_embedder`
+    (`model_type`: auto, bge-m3 or qwen3; LoRA adapter folders load on their base model)."""
+    from ark_hf.models.loading import load_embedder
 
-    `auto` loads decoder configs (Qwen3, Llama, ...) as `DecoderEmbedder` and encoders as `BGEM3Model` (with its
-    heads when the folder has them; pooling from `m3_heads.json`).
-    """
-    if model_type not in ("auto", "bge-m3", "qwen3"):
-        raise ValueError(f"model_type must be auto, bge-m3 or qwen3, got {model_type!r}")
-    if model_type == "auto":
-        from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-        config = AutoConfig.from_pretrained(name_or_path)
-        model_type = "bge-m3" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "qwen3"
-    if model_type == "bge-m3":
-        from ark_hf.models.bge_m3 import BGEM3Model
-
-        model = BGEM3Model(name_or_path, unified_finetuning=False)
-    else:
-        from ark_hf.models.decoder import DecoderEmbedder
-
-        model = DecoderEmbedder.from_pretrained(name_or_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
+    return load_embedder(name_or_path, model_type, device)
 
 
 def _model_fingerprint(model: torch.nn.Module) -> str:
@@ -288,7 +272,7 @@ def _cached_corpus_embeddings(
         key = hashlib.sha256()
         key.update(f"v{CACHE_VERSION}:{_model_fingerprint(model)}:{max_length}:{sparse}".encode())
         for text in corpus:
-            key.update(hashlib.sha1(text.encode("utf-8")).digest())
+            key.update(text_hash(text).to_bytes(8, "little"))
         path = Path(cache_dir) / f"corpus-{key.hexdigest()[:32]}.npz"
         if path.is_file():
             with np.load(path) as saved:
@@ -474,23 +458,23 @@ def mine_hard_negatives(
     # distinct queries (text as encoded) and their positives' hashes
     query_keys: dict[str, int] = {}
     record_query: list[int] = []
-    query_positive_hashes: list[set[str]] = []
-    query_text_hashes: list[str] = []
+    query_positive_hashes: list[set[int]] = []
+    query_text_hashes: list[int] = []
     for record in records:
         text = format_instruction(record["query"], record.get("prompt") or query_instruction, query_instruction_format)
         index = query_keys.setdefault(text, len(query_keys))
         if index == len(query_positive_hashes):
             query_positive_hashes.append(set())
-            query_text_hashes.append(text_hash(record["query"]))
-        query_positive_hashes[index].update(text_hash(p) for p in record["pos"])
+            query_text_hashes.append(_content_key(record["query"]))
+        query_positive_hashes[index].update(_content_key(p) for p in record["pos"])
         record_query.append(index)
     queries = list(query_keys)
 
     # corpus: distinct texts (by content hash), positives first
     corpus_texts: list[str] = []
-    corpus_index: dict[str, int] = {}
+    corpus_index: dict[int, int] = {}
     for text in [p for record in records for p in record["pos"]] + extra_corpus:
-        digest = text_hash(text)
+        digest = _content_key(text)
         if digest not in corpus_index:
             corpus_index[digest] = len(corpus_texts)
             corpus_texts.append(text)

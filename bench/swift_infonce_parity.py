@@ -248,7 +248,9 @@ def run_setting(swift_fn, name, temperature, dtype):
 
     ls, gqs, gds, _ = loss_and_grads(lambda q, d: call_swift(swift_fn, q, d, env), queries, docs)
     la, gqa, gda, stats = loss_and_grads(
-        lambda q, d: qwen3_infonce_loss(q, d, G, temperature=temperature, margin=MARGIN, **ark_kw), queries, docs
+        lambda q, d: qwen3_infonce_loss(q, d, G, temperature=temperature, false_negative_margin=MARGIN, **ark_kw),
+        queries,
+        docs,
     )
     # ms-swift without INFONCE_HARD_NEGATIVES (equal group sizes also take its batched path).
     env_nohn = {k: v for k, v in env.items() if k != "INFONCE_HARD_NEGATIVES"}
@@ -259,7 +261,7 @@ def run_setting(swift_fn, name, temperature, dtype):
         "temperature": temperature,
         "dtype": str(dtype).replace("torch.", ""),
         "swift_env": env,
-        "ark_call": f"qwen3_infonce_loss(query, docs, {G}, temperature={temperature}, margin={MARGIN}, "
+        "ark_call": f"qwen3_infonce_loss(query, docs, {G}, temperature={temperature}, false_negative_margin={MARGIN}, "
         + ", ".join(f"{k}={v}" for k, v in ark_kw.items())
         + ")",
         "loss_swift": float(ls),
@@ -303,7 +305,9 @@ def run_duplicate(swift_fn, temperature):
     ls, gqs, gds, _ = loss_and_grads(lambda q, d: call_swift(swift_fn, q, d, env), queries, docs)
 
     def ark(h):
-        return lambda q, d: qwen3_infonce_loss(q, d, G, temperature=temperature, margin=MARGIN, doc_hashes=h, **ark_kw)
+        return lambda q, d: qwen3_infonce_loss(
+            q, d, G, temperature=temperature, false_negative_margin=MARGIN, doc_hashes=h, **ark_kw
+        )
 
     lh, gqh, gdh, st_h = loss_and_grads(ark(hashes), queries, docs)
     ln, gqn, gdn, st_n = loss_and_grads(ark(None), queries, docs)
@@ -369,7 +373,7 @@ def _xdev_losses(temperature):
 
     def ark(kw):
         return lambda q, d, h, xdev: qwen3_infonce_loss(
-            q, d, G, temperature=temperature, margin=MARGIN, cross_device=xdev, **kw
+            q, d, G, temperature=temperature, false_negative_margin=MARGIN, cross_device=xdev, **kw
         )[0]
 
     return {

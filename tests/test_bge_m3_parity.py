@@ -9,10 +9,10 @@ gradients of every parameter (backbone and both heads) must agree.
 
 Dropout is switched off in the folder's config (both models then stay in train mode). Passages all have the
 same token length, so neither side pads them: FlagEmbedding lets padded passage positions into ColBERT's max
-as zero vectors while ark_hf masks them (DESIGN 4.1). Queries are padded.
+as zero vectors while ark_hf masks them (docs/design.md 4.1). Queries are padded.
 
 Where FlagEmbedding is broken (own-group negatives with unified fine-tuning or `m3_kd_loss`, see
-reference/flagembedding.md 2.5), a float64 loop re-derivation of DESIGN 5.2/5.3 written here, from the
+reference/flagembedding.md 2.5), a float64 loop re-derivation of docs/design.md 5.2/5.3 written here, from the
 model's head outputs, is the reference; the same re-derivation is also checked against FlagEmbedding with
 in-batch negatives, so the two references agree where both exist.
 """
@@ -270,7 +270,7 @@ def _check_against_flagembedding(
     assert ("loss_self_distill" in trainer._component_sums) == self_distill
 
 
-# ----------------------------------------------------------------------- float64 re-derivation (DESIGN 5.2/5.3)
+# ------------------------------------------------------------------ float64 re-derivation (docs/design.md 5.2/5.3)
 def _lexical(ids: torch.Tensor, weights: torch.Tensor) -> dict[int, torch.Tensor]:
     """token id -> max weight over its occurrences (weights are already 0 at padding and special tokens)."""
     out: dict[int, torch.Tensor] = {}
@@ -312,7 +312,7 @@ def _reference_scores(q, p, ensemble_weights) -> dict[str, torch.Tensor]:
 
 
 def _reference_head_loss(scores, columns, teacher_probs, kd_loss_type):
-    """DESIGN 5.1/5.3 for one head; `columns[b]` = row b's own group in `scores`, the positive first."""
+    """docs/design.md 5.1/5.3 for one head; `columns[b]` = row b's own group in `scores`, the positive first."""
     batch_size, group_size = columns.shape
     log_probs = scores.log_softmax(dim=-1)
     info_nce = -torch.stack([log_probs[b, columns[b, 0]] for b in range(batch_size)]).mean()

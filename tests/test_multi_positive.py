@@ -1,7 +1,7 @@
-"""Multi-positive awareness (DESIGN 5.5): query A's second positive is query B's positive in the same batch; its
-score leaves A's denominator in every head (dense, sparse, ColBERT, the ensemble, self-distillation), in InfoNCE and
-in Qwen3's q-d and d-d terms. Checked against float64 re-derivations written here, loss and gradients; the switch
-off gives the old losses; the collator fills `positive_hashes` from every item's `pos`."""
+"""Multi-positive awareness (docs/design.md 5.5): query A's second positive is query B's positive in the same
+batch; its score leaves A's denominator in every head (dense, sparse, ColBERT, the ensemble, self-distillation), in
+InfoNCE and in Qwen3's q-d and d-d terms. Checked against float64 re-derivations written here, loss and gradients;
+the switch off gives the old losses; the collator fills `positive_hashes` from every item's `pos`."""
 
 from __future__ import annotations
 

@@ -10,24 +10,23 @@ group sampling (positive and negatives) is a pure function of `(seed, stage, sta
 - the stage is a pure function of the global step, and the Trainer's own resume (`skip_first_batches` over the
   same stream) reproduces the data order exactly.
 
-`CurriculumStream` builds the stages' datasets and samplers with the trainer's own builders
-(`build_group_dataset`, `build_batch_sampler`), so a stage batches exactly as `train_data` would.
+`CurriculumStream` builds the stages' datasets and samplers with the builders it is given (the trainer passes its own
+`build_group_dataset` and `build_batch_sampler`), so a stage batches exactly as `train_data` would. It knows the
+trainer only through those builders and the config: nothing here imports the trainer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from transformers import TrainingArguments
 
 from ark_hf.curriculum.plan import CurriculumPlan
 from ark_hf.data.dataset import TrainGroupDataset
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ark_hf.trainer.base import BaseRetrieverTrainer
 
 __all__ = ["CurriculumBatchSampler", "CurriculumDataset", "CurriculumIndex", "CurriculumStream", "stage_seed"]
 
@@ -109,16 +108,29 @@ class CurriculumStream:
     Args:
         plan: the stage plan.
         stage_records: validated records of each stage (`[]` for the merge).
-        trainer: the trainer whose `build_group_dataset` and `build_batch_sampler` build each stage.
+        args: the training config (seeds, group size, accumulation, processes, dataloader settings).
+        batch_size: query groups per batch on one process (the trainer's `_train_batch_size`).
+        build_dataset: `(records, args, *, train_group_size, seed, query_instruction) -> TrainGroupDataset`.
+        build_sampler: `(dataset) -> BatchSampler` with a `seed` attribute and `set_epoch`.
+        check_stage_options: `(overrides, *, train_group_size, where)`, raising on loss options that cannot train
+            (`RetrievalLoss.check_stage_options`).
     """
 
     def __init__(
-        self, plan: CurriculumPlan, stage_records: Sequence[list[dict]], trainer: BaseRetrieverTrainer
+        self,
+        plan: CurriculumPlan,
+        stage_records: Sequence[list[dict]],
+        args: TrainingArguments,
+        *,
+        batch_size: int,
+        build_dataset: Callable[..., TrainGroupDataset],
+        build_sampler: Callable[[TrainGroupDataset], BatchSampler],
+        check_stage_options: Callable[..., None],
     ) -> None:
-        args = trainer.args
+        self.args = args
         self.plan = plan
         self.stage_records = list(stage_records)
-        self.batch_size = trainer._train_batch_size
+        self.batch_size = batch_size
         seed = args.data_seed if args.data_seed is not None else args.seed
         per_step = args.gradient_accumulation_steps * max(args.world_size, 1)
         self.stage_datasets: list[TrainGroupDataset] = []
@@ -132,17 +144,15 @@ class CurriculumStream:
                 continue
             seed_k = stage_seed(seed, index)
             group_size = stage.train_group_size or args.train_group_size
-            trainer.loss.check_stage_options(
-                dict(stage.loss), train_group_size=group_size, where=f"stage '{stage.name}'"
-            )
-            dataset = trainer.build_group_dataset(
+            check_stage_options(dict(stage.loss), train_group_size=group_size, where=f"stage '{stage.name}'")
+            dataset = build_dataset(
                 self.stage_records[index],
                 args,
                 train_group_size=group_size,
                 seed=seed_k,
                 query_instruction=stage.query_instruction,
             )
-            sampler = trainer.build_batch_sampler(dataset)
+            sampler = build_sampler(dataset)
             sampler.seed = seed_k
             per_epoch = len(sampler)
             if per_epoch == 0:
@@ -169,21 +179,24 @@ class CurriculumStream:
     def dataset(self) -> CurriculumDataset:
         return CurriculumDataset(self.stage_datasets)
 
-    def dataloader(self, trainer: BaseRetrieverTrainer) -> DataLoader:
-        """The plan's DataLoader, prepared by the trainer's accelerator (sharded across processes)."""
-        args = trainer.args
+    def dataloader(
+        self, collate_fn: Callable[[list[dict[str, Any]]], Any], prepare: Callable[[DataLoader], DataLoader]
+    ) -> DataLoader:
+        """The plan's DataLoader, passed through `prepare` (the trainer's `accelerator.prepare`: sharded across
+        processes)."""
+        args = self.args
         dataloader = DataLoader(
             self.dataset(),
             batch_sampler=CurriculumBatchSampler(
                 self.stage_samplers, [n for n in self.stage_batches if n], self.batch_size
             ),
-            collate_fn=trainer.data_collator,
+            collate_fn=collate_fn,
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory,
             persistent_workers=False,
             prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers > 0 else None,
         )
-        return trainer.accelerator.prepare(dataloader)
+        return prepare(dataloader)
 
     def describe(self) -> str:
         lines = []

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from ark_hf.data.hashing import text_hash
 from ark_hf.models.packing import PACKING_KEY, packing_index
 
 __all__ = ["RetrievalCollator", "text_hash", "tokenize_with_eos"]
-
-
-def text_hash(text: str) -> int:
-    """A stable signed 63-bit content hash: equal texts (anywhere in a batch, on any rank) get equal ids."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 def tokenize_with_eos(

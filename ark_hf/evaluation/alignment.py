@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from ark_hf.alignment.embedding import encode_dense
 from ark_hf.data.dataset import format_instruction
 from ark_hf.evaluation.base import eval_mode
+from ark_hf.models.encoding import encode_dense
 
 __all__ = ["AlignmentEvaluator", "load_probe"]
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ark_hf.evaluation.ir import METRICS, compute_metrics
+from ark_hf.models.outputs import M3_HEADS
 
 __all__ = ["DEFAULT_GRID", "WeightSearchResult", "search_mode_weights"]
 
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
-HEADS = ("dense", "sparse", "colbert")
 
 
 @dataclass
@@ -92,10 +92,10 @@ def search_mode_weights(
         >>> best.weights  # doctest: +SKIP
         (1.0, 0.0, 0.5)
     """
-    missing = [head for head in HEADS if head not in scores]
+    missing = [head for head in M3_HEADS if head not in scores]
     if missing:
         raise ValueError(
-            f"search_mode_weights needs score matrices for {list(HEADS)}; missing {missing} "
+            f"search_mode_weights needs score matrices for {list(M3_HEADS)}; missing {missing} "
             "(build the dev IREvaluator with modes=('dense', 'sparse', 'colbert'))"
         )
     if metric not in METRICS:
@@ -104,7 +104,7 @@ def search_mode_weights(
         raise ValueError(f"grid must be non-empty and non-negative, got {list(grid)}")
     shape = (len(query_ids), len(doc_ids))
     matrices = []
-    for head in HEADS:
+    for head in M3_HEADS:
         matrix = scores[head].double()
         if tuple(matrix.shape) != shape:
             raise ValueError(f"scores[{head!r}] has shape {tuple(matrix.shape)}, expected {shape} (queries, docs)")

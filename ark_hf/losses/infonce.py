@@ -43,7 +43,7 @@ def group_columns(
 
 
 def other_positive_mask(positive_hashes: Tensor, candidate_hashes: Tensor, own_columns: Tensor) -> Tensor:
-    """Which candidates are one of the query's positives outside its own group (DESIGN 5.5).
+    """Which candidates are one of the query's positives outside its own group (docs/design.md 5.5).
 
     A query may have several positives (`pos` is a list) and samples one per step; its other positives (and
     copies of the sampled one) can sit in the batch as other queries' passages. They are not its negatives.

@@ -24,10 +24,8 @@ from torch import Tensor
 from ark_hf.losses.base import LossOutput, RetrievalBatch, RetrievalLoss
 from ark_hf.losses.distill import kl_div_loss, m3_kd_loss, teacher_distribution
 from ark_hf.losses.infonce import group_columns, other_positive_mask
-from ark_hf.models.outputs import EmbeddingOutput
+from ark_hf.models.outputs import M3_HEADS, EmbeddingOutput, fields_of_heads
 from ark_hf.utils.distributed import all_gather_no_grad, all_gather_padded, all_gather_with_grad, rank
-
-M3_HEADS = ("dense", "sparse", "colbert")
 
 
 def sparse_health(*weights: Tensor) -> dict[str, Tensor]:
@@ -115,7 +113,6 @@ def colbert_scores(
     return torch.cat(sums, dim=1) / q_mask.sum(dim=-1, keepdim=True).to(q_vecs.dtype)
 
 
-M3_HEADS = ("dense", "sparse", "colbert")
 # elements of one ColBERT chunk's [Bq, Lq, chunk, Lp] token-score temporary when no chunk size is given
 COLBERT_CHUNK_ELEMENTS = 2**27
 
@@ -146,7 +143,7 @@ class M3Loss(RetrievalLoss):
     *local* block of the dense scores; `cross_device_heads=("dense",)` gives that behaviour (any head left out is
     scored in-batch, and then the ensemble uses the local block of every head).
 
-    Multi-positive awareness (`mask_other_positives`, DESIGN 5.5): a column outside query b's own group whose
+    Multi-positive awareness (`mask_other_positives`, docs/design.md 5.5): a column outside query b's own group whose
     content hash is one of b's positives (`batch.positive_hashes`, all of its `pos`, compared with
     `batch.passage_hashes`, gathered from every rank under cross-device negatives) is removed from b's
     candidates in every head, the ensemble and self-distillation (its logit becomes -inf). Without the two hash
@@ -227,12 +224,7 @@ class M3Loss(RetrievalLoss):
             raise ValueError(f"train_heads must name some of {M3_HEADS}, got {train_heads!r}")
         if not unified_finetuning and self.train_heads != ("dense",):
             raise ValueError(f"train_heads={self.train_heads} needs unified_finetuning=True")
-        head_fields = {
-            "dense": ("dense",),
-            "sparse": ("sparse_weights", "input_ids"),
-            "colbert": ("colbert", "colbert_mask"),
-        }
-        self.heads = ("dense",) + tuple(f for h in M3_HEADS[1:] if h in self.train_heads for f in head_fields[h])
+        self.heads = fields_of_heads(self.train_heads)  # the model computes, and the gradient cache keeps, these
         if kd_loss_type not in (None, "kl_div", "m3_kd_loss"):
             raise ValueError(f"kd_loss_type must be None, 'kl_div' or 'm3_kd_loss', got {kd_loss_type!r}")
         used = M3_HEADS if unified_finetuning else ("dense",)
@@ -364,7 +356,7 @@ class M3Loss(RetrievalLoss):
         if "dense" in self.train_heads:
             losses["loss_dense"] = (loss_dense, a_dense)
         head_weights = {"dense": (w_dense, b_dense), "sparse": (w_lex, b_lex), "colbert": (w_mul, b_mul)}
-        chosen_heads = [head for head in ("dense", "sparse", "colbert") if head in self.train_heads]
+        chosen_heads = [head for head in M3_HEADS if head in self.train_heads]
         # The ensemble runs over the global columns when every chosen head has them, else over the local block.
         ensemble_global = all(gathered[head] for head in chosen_heads)
         local = slice(offset * group_size, (offset + batch_size) * group_size)

@@ -7,6 +7,13 @@ positive first. Cross-device candidates are gathered with gradients (exact under
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,19 +23,87 @@ from ark_hf.losses.infonce import group_columns, other_positive_mask
 from ark_hf.models.outputs import EmbeddingOutput
 from ark_hf.utils.distributed import all_gather_no_grad, all_gather_with_grad, rank
 
-__all__ = ["QWEN3_LOSS_OPTION_TYPES", "Qwen3InfoNCELoss", "check_qwen3_options", "qwen3_infonce_loss"]
+__all__ = [
+    "QWEN3_LOSS_OPTION_TYPES",
+    "Qwen3InfoNCELoss",
+    "Qwen3LossOptions",
+    "check_qwen3_options",
+    "qwen3_infonce_loss",
+]
+
+
+@dataclass
+class Qwen3LossOptions:
+    """The options of Qwen3-Embedding's InfoNCE, spelled once.
+
+    `QwenTrainerConfig` inherits these fields (config keys and command-line flags), `Qwen3InfoNCELoss` takes them as
+    keywords and a curriculum stage may override them (`QWEN3_LOSS_OPTION_TYPES`); `check` validates them, and the
+    defaults of `qwen3_infonce_loss` are these.
+    """
+
+    temperature: float = field(
+        default=0.1,
+        metadata={"help": "Temperature of the InfoNCE (ms-swift's value; sentence-transformers uses 0.05)."},
+    )
+    false_negative_margin: float = field(
+        default=0.1,
+        metadata={"help": "A candidate whose cosine exceeds the positive's by more than this is masked."},
+    )
+    mask_false_negatives: bool = field(
+        default=True,
+        metadata={"help": "Mask likely false negatives (margin rule) and copies of the positive text (by hash)."},
+    )
+    in_batch_negatives: bool = field(
+        default=True,
+        metadata={"help": "Use in-batch terms (q-q', d-d', q-d'); off: each query sees only its own group."},
+    )
+    use_qq: bool = field(default=True, metadata={"help": "Other queries of the batch are negatives (q-q')."})
+    use_dd: bool = field(
+        default=True, metadata={"help": "Other documents of the batch are negatives of the positive (d-d')."}
+    )
+    use_inbatch_qd: bool = field(
+        default=True, metadata={"help": "Other queries' documents are negatives of the query (q-d')."}
+    )
+    mask_other_positives: bool = field(
+        default=True,
+        metadata={"help": "Remove a query's other positives (all of `pos`, by content hash) from its negatives."},
+    )
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(Qwen3LossOptions))
+
+    def as_dict(self) -> dict[str, float | bool]:
+        """The options of this object (also of a config that inherits them) by name."""
+        return {name: getattr(self, name) for name in self.option_names()}
+
+    def check(self, *, train_group_size: int, negatives_cross_device: bool, where: str = "") -> None:
+        """Refuse loss settings under which no query has a negative, or that contradict each other."""
+        prefix = f"{where}: " if where else ""
+        if not self.temperature > 0:
+            raise ValueError(f"{prefix}temperature must be > 0, got {self.temperature}")
+        if not self.false_negative_margin >= 0:
+            raise ValueError(f"{prefix}false_negative_margin must be >= 0, got {self.false_negative_margin}")
+        if negatives_cross_device and not self.in_batch_negatives:
+            raise ValueError(
+                f"{prefix}negatives_cross_device needs in_batch_negatives=True (it gathers in-batch candidates)"
+            )
+        any_in_batch_term = self.in_batch_negatives and (self.use_qq or self.use_dd or self.use_inbatch_qd)
+        if train_group_size < 2 and not any_in_batch_term:
+            raise ValueError(
+                f"{prefix}no negatives: train_group_size={train_group_size} gives no hard negatives and the in-batch "
+                "terms are off, so the loss would be 0 (QwenLM/Qwen3-Embedding#63); raise train_group_size or turn "
+                "in_batch_negatives / use_inbatch_qd on"
+            )
+
 
 # The options a curriculum stage may override, with their types (config field names of `QwenTrainerConfig`).
 QWEN3_LOSS_OPTION_TYPES: dict[str, type] = {
-    "temperature": float,
-    "false_negative_margin": float,
-    "mask_false_negatives": bool,
-    "in_batch_negatives": bool,
-    "use_qq": bool,
-    "use_dd": bool,
-    "use_inbatch_qd": bool,
-    "mask_other_positives": bool,
+    name: hint
+    for name, hint in typing.get_type_hints(Qwen3LossOptions).items()
+    if name in Qwen3LossOptions.option_names()
 }
+_DEFAULTS = Qwen3LossOptions()
 
 
 def qwen3_infonce_loss(
@@ -36,16 +111,17 @@ def qwen3_infonce_loss(
     docs: Tensor,
     group_size: int,
     *,
-    temperature: float = 0.05,
-    margin: float = 0.1,
-    use_qq: bool = True,
-    use_dd: bool = True,
-    use_inbatch_qd: bool = True,
-    mask_false_negatives: bool = True,
+    temperature: float = _DEFAULTS.temperature,
+    false_negative_margin: float = _DEFAULTS.false_negative_margin,
+    use_qq: bool = _DEFAULTS.use_qq,
+    use_dd: bool = _DEFAULTS.use_dd,
+    use_inbatch_qd: bool = _DEFAULTS.use_inbatch_qd,
+    mask_false_negatives: bool = _DEFAULTS.mask_false_negatives,
     doc_hashes: Tensor | None = None,
     cross_device: bool = False,
     positive_hashes: Tensor | None = None,
-    mask_other_positives: bool = True,
+    mask_other_positives: bool = _DEFAULTS.mask_other_positives,
+    margin: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The InfoNCE of the Qwen3-Embedding report (sec. 3.1), with false-negative masking.
 
@@ -66,7 +142,7 @@ def qwen3_infonce_loss(
     The d-d term is masked only by the hash rule (its scores against d_i+ are not comparable to
     s(q_i, d_i+)). Masked entries become -inf before the log-sum-exp.
 
-    Multi-positive rule (`mask_other_positives`, DESIGN 5.5; needs `positive_hashes` and `doc_hashes`): a
+    Multi-positive rule (`mask_other_positives`, docs/design.md 5.5; needs `positive_hashes` and `doc_hashes`): a
     document outside query i's own group whose hash is any of i's positives (all of its `pos`) is removed from
     the q-d and d-d terms, on every rank. The content-hash rule above is its special case for the sampled positive.
 
@@ -74,8 +150,8 @@ def qwen3_infonce_loss(
         query: `[B, d]` L2-normalised query embeddings (the dot product is the cosine; not renormalised here).
         docs: `[B * G, d]` L2-normalised document embeddings, query b's group at rows `b * G ...`, positive first.
         group_size: G.
-        temperature: t (sentence-transformers uses 0.05, ms-swift 0.1).
-        margin: cosine margin of the threshold rule.
+        temperature: t (default `Qwen3LossOptions`' 0.1, ms-swift's; sentence-transformers uses 0.05).
+        false_negative_margin: cosine margin of the threshold rule.
         use_qq, use_dd, use_inbatch_qd: switch the q-q, d-d and in-batch q-d terms.
         mask_false_negatives: apply both mask rules.
         doc_hashes: `[B * G]` integer content hashes of the documents; without them only the threshold
@@ -84,12 +160,18 @@ def qwen3_infonce_loss(
             mean over its own queries, and gradients stay exact under DDP (module docstring).
         positive_hashes: `[B, P]` content hashes of each query's positives, padded with -1.
         mask_other_positives: apply the multi-positive rule.
+        margin: deprecated spelling of `false_negative_margin`.
 
     Returns:
         `(loss, stats)`, stats holding this rank's `masked` (candidate entries removed by any rule),
         `candidates` (negative entries left in the denominators) and, with the multi-positive rule,
         `masked_positives` (entries it removed), as int64 tensors.
     """
+    if margin is not None:
+        warnings.warn(
+            "qwen3_infonce_loss(margin=...) is deprecated; pass false_negative_margin=", FutureWarning, stacklevel=2
+        )
+        false_negative_margin = margin
     batch_size = query.size(0)
     if docs.size(0) != batch_size * group_size:
         raise ValueError(f"expected {batch_size * group_size} docs for {batch_size} queries, got {docs.size(0)}")
@@ -113,7 +195,7 @@ def qwen3_infonce_loss(
     s_qd = query @ all_docs.T  # [B, N] raw cosine, N = all documents
     is_pos = torch.zeros_like(s_qd, dtype=torch.bool)
     is_pos[rows, pos_cols] = True
-    threshold = s_qd[rows, pos_cols].detach()[:, None] + margin
+    threshold = s_qd[rows, pos_cols].detach()[:, None] + false_negative_margin
     same_as_pos = None
     if mask_false_negatives and all_hashes is not None:
         same_as_pos = all_hashes[None, :] == all_hashes[pos_cols][:, None]  # [B, N]
@@ -171,26 +253,12 @@ def qwen3_infonce_loss(
 
 
 def check_qwen3_options(
-    options: dict, *, train_group_size: int, negatives_cross_device: bool, where: str = ""
+    options: Mapping[str, Any], *, train_group_size: int, negatives_cross_device: bool, where: str = ""
 ) -> None:
-    """Refuse loss settings under which no query has a negative, or that contradict each other."""
-    prefix = f"{where}: " if where else ""
-    if not options["temperature"] > 0:
-        raise ValueError(f"{prefix}temperature must be > 0, got {options['temperature']}")
-    if not options["false_negative_margin"] >= 0:
-        raise ValueError(f"{prefix}false_negative_margin must be >= 0, got {options['false_negative_margin']}")
-    in_batch = options["in_batch_negatives"]
-    if negatives_cross_device and not in_batch:
-        raise ValueError(
-            f"{prefix}negatives_cross_device needs in_batch_negatives=True (it gathers in-batch candidates)"
-        )
-    any_in_batch_term = in_batch and (options["use_qq"] or options["use_dd"] or options["use_inbatch_qd"])
-    if train_group_size < 2 and not any_in_batch_term:
-        raise ValueError(
-            f"{prefix}no negatives: train_group_size={train_group_size} gives no hard negatives and the in-batch terms "
-            "are off, so the loss would be 0 (QwenLM/Qwen3-Embedding#63); raise train_group_size or turn "
-            "in_batch_negatives / use_inbatch_qd on"
-        )
+    """`Qwen3LossOptions(**options).check(...)`: refuse settings under which no query has a negative."""
+    Qwen3LossOptions(**options).check(
+        train_group_size=train_group_size, negatives_cross_device=negatives_cross_device, where=where
+    )
 
 
 class Qwen3InfoNCELoss(RetrievalLoss):
@@ -199,7 +267,9 @@ class Qwen3InfoNCELoss(RetrievalLoss):
     The dense vectors are L2-normalised here (cosine similarity), then `qwen3_infonce_loss` runs with the
     options below; `update_options(**overrides)` changes them for the coming steps (a curriculum stage's `loss:`).
 
-    Args (the `QwenTrainerConfig` fields of the same names):
+    Args:
+        options: a `Qwen3LossOptions` (a `QwenTrainerConfig` is one); default: its defaults.
+        **overrides: any of its fields by name (the `QwenTrainerConfig` fields of the same names):
         temperature: t (Qwen3/ms-swift 0.1 by default here; sentence-transformers uses 0.05).
         false_negative_margin: cosine margin of the threshold mask rule.
         mask_false_negatives: apply the mask (threshold and content-hash rules).
@@ -228,31 +298,20 @@ class Qwen3InfoNCELoss(RetrievalLoss):
     option_types = QWEN3_LOSS_OPTION_TYPES
 
     def __init__(
-        self,
-        temperature: float = 0.1,
-        false_negative_margin: float = 0.1,
-        mask_false_negatives: bool = True,
-        in_batch_negatives: bool = True,
-        use_qq: bool = True,
-        use_dd: bool = True,
-        use_inbatch_qd: bool = True,
-        mask_other_positives: bool = True,
-        negatives_cross_device: bool = False,
+        self, options: Qwen3LossOptions | None = None, *, negatives_cross_device: bool = False, **overrides: Any
     ) -> None:
-        super().__init__(
-            temperature=float(temperature),
-            false_negative_margin=float(false_negative_margin),
-            mask_false_negatives=mask_false_negatives,
-            in_batch_negatives=in_batch_negatives,
-            use_qq=use_qq,
-            use_dd=use_dd,
-            use_inbatch_qd=use_inbatch_qd,
-            mask_other_positives=mask_other_positives,
-        )
+        options = options if options is not None else Qwen3LossOptions()
+        self.check_options(overrides)  # unknown names and wrong types, named
+        values = {**options.as_dict(), **overrides}
+        for name, kind in QWEN3_LOSS_OPTION_TYPES.items():
+            if kind is float:
+                values[name] = float(values[name])
+        super().__init__(**values)
         self.negatives_cross_device = negatives_cross_device
 
     def check_stage_options(self, overrides: dict, *, train_group_size: int, where: str = "") -> None:
-        """Check a stage's overrides in the context of the run (group size, cross-device): no stage without negatives."""
+        """Check a stage's overrides in the context of the run (group size, cross-device): no stage without
+        negatives."""
         self.check_options(overrides, where)
         check_qwen3_options(
             {**self.base_options, **overrides},
@@ -272,7 +331,7 @@ class Qwen3InfoNCELoss(RetrievalLoss):
             F.normalize(passages.dense, dim=-1),
             batch.group_size,
             temperature=options["temperature"],
-            margin=options["false_negative_margin"],
+            false_negative_margin=options["false_negative_margin"],
             use_qq=in_batch and options["use_qq"],
             use_dd=in_batch and options["use_dd"],
             use_inbatch_qd=in_batch and options["use_inbatch_qd"],

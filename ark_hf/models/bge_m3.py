@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import cached_file, logging
 
 from ark_hf.models.backbone import load_encoder_backbone
-from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule
+from ark_hf.models.outputs import (
+    M3_HEADS,
+    EmbeddingOutput,
+    RetrieverModule,
+    fields_of_heads,
+    heads_of_fields,
+)
 from ark_hf.models.packing import (
     PackedBatch,
     PaddingFreeMixin,
@@ -147,7 +154,8 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.name_or_path = name if name is not None else backbone.config.name_or_path
-        self.unified_finetuning = unified_finetuning
+        # the fields computed in training: all heads, or dense only; the trainer sets them from its loss
+        self.training_outputs = fields_of_heads(M3_HEADS if unified_finetuning else ("dense",))
         self.pooling = pooling
         self.normalize = normalize
 
@@ -243,6 +251,30 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
     @property
     def has_heads(self) -> bool:
         return self.colbert_linear is not None and self.sparse_linear is not None
+
+    @property
+    def unified_finetuning(self) -> bool:
+        """Whether training computes the sparse and ColBERT heads (some loss reads them); setting it asks for all
+        three heads (True) or the dense vectors only (False)."""
+        return heads_of_fields(self.training_outputs) != ("dense",)
+
+    @unified_finetuning.setter
+    def unified_finetuning(self, value: bool) -> None:
+        self.training_outputs = fields_of_heads(M3_HEADS if value else ("dense",))
+
+    def set_training_outputs(self, fields: Sequence[str]) -> None:
+        """Compute in training what the loss reads (`RetrievalLoss.heads`): the heads when it reads any of their
+        fields (evaluation and inference always use the heads that exist)."""
+        unknown = [field for field in fields if field not in EmbeddingOutput.__dataclass_fields__]
+        if unknown:
+            raise ValueError(f"the loss reads {unknown}, which are not EmbeddingOutput fields")
+        heads = heads_of_fields(fields)
+        if heads != ("dense",) and not self.has_heads:
+            raise ValueError(
+                f"the loss reads the {' and '.join(h for h in heads if h != 'dense')} head(s) but {self.name_or_path} "
+                "has no sparse/ColBERT heads; build the model with heads (init_missing_heads=True) or train dense only"
+            )
+        self.training_outputs = fields_of_heads(heads)
 
     # ----------------------------------------------------------------------------------------------- training
     def activation_checkpointing_enable(

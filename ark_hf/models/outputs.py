@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
+
+__all__ = [
+    "M3_HEADS",
+    "M3_HEAD_FIELDS",
+    "EmbeddingOutput",
+    "RetrieverModule",
+    "RetrieverOutput",
+    "fields_of_heads",
+    "heads_of_fields",
+    "truncate_embeddings",
+]
+
+# BGE-M3's heads, in their canonical order, and the `EmbeddingOutput` fields each one fills: the one definition the
+# config (`heads`), the loss (`M3Loss.heads`) and the model (`BGEM3Model.set_training_outputs`) derive from.
+M3_HEADS = ("dense", "sparse", "colbert")
+M3_HEAD_FIELDS: dict[str, tuple[str, ...]] = {
+    "dense": ("dense",),
+    "sparse": ("sparse_weights", "input_ids"),
+    "colbert": ("colbert", "colbert_mask"),
+}
+
+
+def fields_of_heads(heads: Sequence[str]) -> tuple[str, ...]:
+    """The `EmbeddingOutput` fields of `heads` (dense always first, then the heads in `M3_HEADS` order)."""
+    unknown = [head for head in heads if head not in M3_HEADS]
+    if unknown:
+        raise ValueError(f"unknown head(s) {unknown}; choose from {list(M3_HEADS)}")
+    return tuple(field for head in M3_HEADS if head == "dense" or head in heads for field in M3_HEAD_FIELDS[head])
+
+
+def heads_of_fields(fields: Sequence[str]) -> tuple[str, ...]:
+    """The heads whose outputs include any of `fields`, in `M3_HEADS` order."""
+    return tuple(head for head in M3_HEADS if set(M3_HEAD_FIELDS[head]) & set(fields))
 
 
 def truncate_embeddings(embeddings: torch.Tensor, dim: int, normalize: bool = True) -> torch.Tensor:
@@ -59,6 +93,14 @@ class RetrieverModule(nn.Module):
 
     def encode_features(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
         raise NotImplementedError
+
+    def set_training_outputs(self, fields: Sequence[str]) -> None:
+        """The `EmbeddingOutput` fields the loss reads (`RetrievalLoss.heads`), told by the trainer: a model may
+        skip, in training, the outputs that nothing reads. This base computes the dense vectors only and refuses a
+        loss that reads anything else."""
+        extra = [field for field in fields if field != "dense"]
+        if extra:
+            raise ValueError(f"{type(self).__name__} outputs dense vectors only; the loss reads {extra}")
 
     def forward(
         self,

@@ -52,7 +52,6 @@ from ark_hf.utils.preflight import (
     OutputDirError,
     check_lengths_and_vocab,
     check_output_dir,
-    checkpoint_bytes,
 )
 
 logger = logging.get_logger(__name__)
@@ -377,7 +376,7 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         if self.curriculum_stream is not None:
-            return self.curriculum_stream.dataloader(self)
+            return self.curriculum_stream.dataloader(self.data_collator, self.accelerator.prepare)
         if self.train_dataset is None:
             raise ValueError("training requires a train_dataset (or config.train_data)")
         dataset = self.train_dataset
@@ -453,7 +452,15 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
 
     def _bind_curriculum(self, stage_records: list[list[dict]]) -> None:
         """Size the stages, set `max_steps` to the plan's length, and hand the callback what it adjusts."""
-        stream = CurriculumStream(self.curriculum.plan, stage_records, self)
+        stream = CurriculumStream(
+            self.curriculum.plan,
+            stage_records,
+            self.args,
+            batch_size=self._train_batch_size,
+            build_dataset=self.build_group_dataset,
+            build_sampler=self.build_batch_sampler,
+            check_stage_options=self.loss.check_stage_options,
+        )
         self.args.max_steps = stream.plan.total_steps
         self.curriculum_stream = stream
         self.train_dataset = stream.dataset()
@@ -642,14 +649,7 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
             write_model_card(self, self.args.output_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        preflight.check_before_training(self, resume_from_checkpoint)
-        if self.args.should_save:
-            check_output_dir(
-                self.args.output_dir,
-                overwrite=self.args.overwrite_output_dir,
-                resume_from_checkpoint=resume_from_checkpoint,
-                required_bytes=checkpoint_bytes(self.model, self.args),
-            )
+        preflight.check_before_training(self, resume_from_checkpoint)  # the output directory's check included
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         preflight.check_training_happened(self)
         return result

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ark_hf.models.outputs import M3_HEADS
 from ark_hf.trainer.base_config import RetrieverConfig
 
 __all__ = ["BGETrainerConfig", "M3_HEADS"]
-
-M3_HEADS = ("dense", "sparse", "colbert")
 
 LOSS_PRESETS = {
     # FlagEmbedding's code (the released BGE-M3 recipe)
@@ -165,10 +164,10 @@ class BGETrainerConfig(RetrieverConfig):
                 "negatives_cross_device needs in_batch_negatives=True (own-group scoring has no other negatives)"
             )
         if self.cross_device_heads is not None:
-            unknown = [head for head in self.cross_device_heads if head not in ("dense", "sparse", "colbert")]
+            unknown = [head for head in self.cross_device_heads if head not in M3_HEADS]
             if unknown or not self.cross_device_heads:
                 raise ValueError(
-                    f"cross_device_heads: {self.cross_device_heads} must name heads among dense, sparse, colbert"
+                    f"cross_device_heads: {self.cross_device_heads} must name heads among {', '.join(M3_HEADS)}"
                 )
             if not self.negatives_cross_device:
                 raise ValueError("cross_device_heads is set but negatives_cross_device=False; set it to True")

@@ -11,7 +11,7 @@ from ark_hf.data.collator import RetrievalCollator
 from ark_hf.losses.base import RetrievalBatch
 from ark_hf.losses.m3 import M3Loss
 from ark_hf.models.bge_m3 import BGEM3Model
-from ark_hf.models.outputs import RetrieverOutput
+from ark_hf.models.outputs import RetrieverOutput, heads_of_fields
 from ark_hf.models.teacher import TeacherScorer
 from ark_hf.trainer.base import BaseRetrieverTrainer
 from ark_hf.trainer.bge_config import BGETrainerConfig
@@ -121,20 +121,12 @@ class BGETrainer(BaseRetrieverTrainer):
             args.sentence_pooling_method = pooling
         if args.fix_encoder:
             model.freeze_encoder()
-        if args.unified_finetuning and not model.has_heads:
-            raise ValueError("unified_finetuning needs the sparse and ColBERT heads; build the model with heads")
-        if model.unified_finetuning != args.unified_finetuning:
-            # The config decides the objective. A model built with the other setting would skip the heads in
-            # training while the loss needs them (or compute heads that nothing trains).
-            logger.warning(
-                "the model was built with unified_finetuning=%s but the config says %s; using the config's value",
-                model.unified_finetuning,
-                args.unified_finetuning,
-            )
-            model.unified_finetuning = args.unified_finetuning
+        # the loss decides which heads train (the base trainer then tells the model what to compute); a model built
+        # with the other `unified_finetuning` follows it
+        loss_heads = heads_of_fields(self.loss.heads)
         heads = {"sparse": getattr(model, "sparse_linear", None), "colbert": getattr(model, "colbert_linear", None)}
         for head, module in heads.items():
-            if module is not None and args.unified_finetuning and head not in args.trained_heads:
+            if module is not None and loss_heads != ("dense",) and head not in loss_heads:
                 module.requires_grad_(False)  # not in `heads`: kept as loaded (and no unused parameters under DDP)
         return model
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from transformers.utils import logging
 
 from ark_hf.constants import DEFAULT_INSTRUCTION, QWEN_QUERY_FORMAT
-from ark_hf.losses.qwen3 import QWEN3_LOSS_OPTION_TYPES, check_qwen3_options
+from ark_hf.losses.qwen3 import Qwen3LossOptions
 from ark_hf.trainer.base_config import RetrieverConfig
 
 logger = logging.get_logger(__name__)
@@ -17,13 +17,11 @@ logger = logging.get_logger(__name__)
 __all__ = ["QwenTrainerConfig"]
 
 DEFAULT_LEARNING_RATE = 6e-6
-# The loss options a curriculum stage may override (`Qwen3InfoNCELoss.option_types`), config fields of these names.
-LOSS_OPTION_FIELDS = tuple(QWEN3_LOSS_OPTION_TYPES)
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class QwenTrainerConfig(RetrieverConfig):
+class QwenTrainerConfig(RetrieverConfig, Qwen3LossOptions):
     r"""
     Configuration for [`QwenTrainer`]: a decoder LLM as an embedder (EOS appended, last-token pooling, L2
     normalisation), trained with the InfoNCE of the Qwen3-Embedding report (arXiv 2506.05176, sec. 3.1).
@@ -121,33 +119,8 @@ class QwenTrainerConfig(RetrieverConfig):
             "off: save only the adapter."
         },
     )
-    temperature: float = field(
-        default=0.1,
-        metadata={"help": "Temperature of the InfoNCE (ms-swift's value; sentence-transformers uses 0.05)."},
-    )
-    false_negative_margin: float = field(
-        default=0.1,
-        metadata={"help": "A candidate whose cosine exceeds the positive's by more than this is masked."},
-    )
-    mask_false_negatives: bool = field(
-        default=True,
-        metadata={"help": "Mask likely false negatives (margin rule) and copies of the positive text (by hash)."},
-    )
-    in_batch_negatives: bool = field(
-        default=True,
-        metadata={"help": "Use in-batch terms (q-q', d-d', q-d'); off: each query sees only its own group."},
-    )
-    use_qq: bool = field(default=True, metadata={"help": "Other queries of the batch are negatives (q-q')."})
-    use_dd: bool = field(
-        default=True, metadata={"help": "Other documents of the batch are negatives of the positive (d-d')."}
-    )
-    use_inbatch_qd: bool = field(
-        default=True, metadata={"help": "Other queries' documents are negatives of the query (q-d')."}
-    )
-    mask_other_positives: bool = field(
-        default=True,
-        metadata={"help": "Remove a query's other positives (all of `pos`, by content hash) from its negatives."},
-    )
+    # temperature, false_negative_margin, mask_false_negatives, in_batch_negatives, use_qq, use_dd, use_inbatch_qd and
+    # mask_other_positives: the fields of `Qwen3LossOptions`, inherited
     negatives_cross_device: bool = field(
         default=False, metadata={"help": "Gather candidates from all processes (exact global-batch gradient)."}
     )
@@ -184,15 +157,7 @@ class QwenTrainerConfig(RetrieverConfig):
             raise ValueError("model_name_or_path is required")
         if self.torch_dtype not in TORCH_DTYPES:
             raise ValueError(f"torch_dtype must be one of {TORCH_DTYPES}, got {self.torch_dtype!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not self.false_negative_margin >= 0:
-            raise ValueError(f"false_negative_margin must be >= 0, got {self.false_negative_margin}")
-        check_qwen3_options(
-            {name: getattr(self, name) for name in LOSS_OPTION_FIELDS},
-            train_group_size=self.train_group_size,
-            negatives_cross_device=self.negatives_cross_device,
-        )
+        self.check(train_group_size=self.train_group_size, negatives_cross_device=self.negatives_cross_device)
         try:
             replacement_fields = [
                 f for _, f, _, _ in string.Formatter().parse(self.query_instruction_format) if f is not None
@@ -244,5 +209,5 @@ class QwenTrainerConfig(RetrieverConfig):
 
     @property
     def loss_options(self) -> dict[str, float | bool]:
-        """The loss settings a curriculum stage may override (`LOSS_OPTION_FIELDS`)."""
-        return {name: getattr(self, name) for name in LOSS_OPTION_FIELDS}
+        """The loss settings a curriculum stage may override (the `Qwen3LossOptions` fields)."""
+        return self.as_dict()

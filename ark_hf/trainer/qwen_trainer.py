@@ -83,7 +83,7 @@ class QwenTrainer(BaseRetrieverTrainer):
         return build_qwen_model(args)
 
     def build_loss(self, args: QwenTrainerConfig) -> RetrievalLoss:
-        loss = Qwen3InfoNCELoss(**args.loss_options, negatives_cross_device=args.negatives_cross_device)
+        loss = Qwen3InfoNCELoss(args, negatives_cross_device=args.negatives_cross_device)
         return MatryoshkaLoss(loss, args.matryoshka_dims, args.matryoshka_weights) if args.matryoshka_dims else loss
 
     def prepare_model(self, model: nn.Module, args: QwenTrainerConfig) -> nn.Module:
