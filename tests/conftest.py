@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import zlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,23 +26,24 @@ torch.set_num_threads(1)
 SEED = 0
 
 
-def _seed_everything() -> None:
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef, request):
-    """Seed before each fixture builds: a module fixture's random weights are the same whichever test built it."""
-    _seed_everything()
+    """Seed before each fixture builds: a module fixture's random weights are the same whichever test built it.
+    Each fixture has its own seed (from its name), so two fixtures never draw the same numbers."""
+    _seed_everything(zlib.crc32(fixturedef.argname.encode()) ^ SEED)
     return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """Seed before each test body (after its fixtures, whose number and order depend on what ran before)."""
-    _seed_everything()
+    _seed_everything(SEED)
     return (yield)
 
 

@@ -42,7 +42,10 @@ def _no_dropout(model: nn.Module) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def m3(tiny_xlmr_path):
-    return _no_dropout(BGEM3Model(tiny_xlmr_path, init_missing_heads=True))
+    model = _no_dropout(BGEM3Model(tiny_xlmr_path, init_missing_heads=True))
+    with torch.no_grad():  # a random sparse head can clip every token to 0 (no gradient); most tokens positive
+        model.sparse_linear.bias.fill_(0.5)
+    return model
 
 
 @pytest.fixture(scope="module")
