@@ -125,6 +125,8 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         padding_free: Run the backbone on the batch's real tokens only, all texts packed into one sequence
             (`ark_hf.models.packing`); same outputs as the padded forward. The varlen attention kernel needs
             CUDA and bf16/fp16; elsewhere attention falls back to an exact per-text SDPA (one warning).
+            `"auto"` decides from the weights' device and dtype now; a trainer sets the switch from its config's
+            `padding_free` (default `auto`: on with CUDA and bf16/fp16) on whatever model it is given.
     """
 
     def __init__(
@@ -142,7 +144,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         trust_remote_code: bool = False,
         backbone: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        padding_free: bool = False,
+        padding_free: bool | str = False,
     ) -> None:
         super().__init__()
         self._pooler_state: dict[str, torch.Tensor] = {}
@@ -203,9 +205,10 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
             if not init_missing_heads:
                 raise MissingHeadsError(
                     f"{self.name_or_path}: missing {', '.join(missing)}; the sparse and ColBERT heads cannot be "
-                    "loaded. Pass init_missing_heads=True (config field `init_missing_heads`) to start them from "
-                    "random initialisation (usual when the backbone is a plain encoder), or point model_name at a "
-                    "folder that has both files."
+                    "loaded. Pass BGEM3Model(..., init_missing_heads=True) to start them from random "
+                    "initialisation (usual when the backbone is a plain encoder), or let the trainer build the model "
+                    "from its config (BGETrainer(config=config) with `init_missing_heads: true`), or point "
+                    "model_name at a folder that has both files."
                 )
             logger.warning(
                 "%s: no %s; initialising the sparse and ColBERT heads randomly (init_missing_heads=True)",
@@ -347,12 +350,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
     def _encode_packed(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
         """`encode_features` with the backbone on the packed real tokens (`[T, d]` hidden states)."""
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
-        packed = PackedBatch.from_padded(
-            input_ids,
-            attention_mask,
-            offset=position_offset(self.model),
-            token_type_ids=features.get("token_type_ids"),
-        )
+        packed = PackedBatch.from_features(features, offset=position_offset(self.model))
         hidden = packed_hidden_states(self.model, packed)
         dense = packed.pool(hidden, self.pooling)
         if self.normalize:

@@ -111,7 +111,8 @@ class BGETrainer(BaseRetrieverTrainer):
             if args.sentence_pooling_method != _DEFAULT_POOLING:
                 raise ValueError(
                     f"pooling conflict: the model pools with {pooling!r} (BGEM3Model(pooling={pooling!r})) but the "
-                    f"config says sentence_pooling_method={args.sentence_pooling_method!r}; make them agree"
+                    f"config says sentence_pooling_method={args.sentence_pooling_method!r}; make them agree, or "
+                    "let the trainer build the model from the config (BGETrainer(config=config), no model=)"
                 )
             logger.info(
                 "the model pools with %r; sentence_pooling_method (left at its default %r) set to match",
