@@ -165,3 +165,37 @@ def test_output_dir_is_checked_once_per_launch(tiny_xlmr_path, tmp_path, monkeyp
     )  # fmt: skip
     assert calls == [str(output_dir)]
     assert free_space and free_space[-1] > 0  # the disk check with the built model's checkpoint size
+
+
+@pytest.mark.parametrize("kind", ["bge_m3", "decoder"])
+def test_collator_tokenizes_with_the_models_rule(kind, tiny_xlmr_path, tiny_qwen3_path, tokenizer):
+    """Training (the collator) and `model.tokenize` (evaluation, mining, alignment) share the model's rule."""
+    import pickle
+
+    from ark_hf.data.collator import RetrievalCollator
+
+    if kind == "bge_m3":
+        model = BGEM3Model(tiny_xlmr_path, tokenizer=tokenizer, init_missing_heads=True)
+    else:
+        model = DecoderEmbedder(tiny_qwen3_path)
+    rule = model.text_tokenizer()
+    assert pickle.loads(pickle.dumps(rule)).append_eos_token_id == rule.append_eos_token_id  # DataLoader workers
+    items = [{"query": "how long does a permit take", "passages": ["two weeks at the city office " * 4, "no"]}]
+    collator = RetrievalCollator(model.tokenizer, query_max_len=6, passage_max_len=8, text_tokenizer=rule)
+    batch = collator(items)
+    for side, texts, length in (("query", [items[0]["query"]], 6), ("passages", items[0]["passages"], 8)):
+        expected = model.tokenize(texts, length)
+        torch.testing.assert_close(batch[side]["input_ids"], expected["input_ids"])
+        torch.testing.assert_close(batch[side]["attention_mask"], expected["attention_mask"])
+    if kind == "decoder":  # truncated, and the pooled EOS still last
+        assert batch["passages"]["input_ids"][0, -1].item() == model.eos_token_id
+
+
+def test_trainer_gives_the_collator_the_models_rule(tiny_xlmr_path, tokenizer, tmp_path):
+    model = BGEM3Model(tiny_xlmr_path, tokenizer=tokenizer, init_missing_heads=True)
+    config = BGETrainerConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        per_device_train_batch_size=2, train_group_size=2, query_max_len=12, passage_max_len=16, max_steps=1,
+    )  # fmt: skip
+    trainer = BGETrainer(model=model, config=config, train_dataset=RECORDS)
+    assert trainer.data_collator.text_tokenizer == model.text_tokenizer()

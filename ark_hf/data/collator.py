@@ -10,24 +10,9 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from ark_hf.data.hashing import text_hash
 from ark_hf.models.packing import PACKING_KEY, packing_index
+from ark_hf.models.tokenization import TextTokenizer, tokenize_with_eos
 
 __all__ = ["RetrievalCollator", "text_hash", "tokenize_with_eos"]
-
-
-def tokenize_with_eos(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
-    max_length: int,
-    eos_token_id: int,
-    pad_to_multiple_of: int | None = None,
-) -> BatchEncoding:
-    """Tokenize without special tokens, truncate to `max_length - 1`, then append EOS (so it survives truncation).
-
-    Last-token pooling (Qwen3-Embedding) reads the hidden state at this EOS.
-    """
-    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)
-    features = [{"input_ids": ids + [eos_token_id]} for ids in encoded["input_ids"]]
-    return tokenizer.pad(features, padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
 
 
 @dataclass
@@ -45,6 +30,9 @@ class RetrievalCollator:
         query_max_len, passage_max_len: truncation lengths in tokens (special tokens included).
         pad_to_multiple_of: pad lengths to a multiple (8 helps tensor cores).
         append_eos_token_id: decoder embedders: tokenize without special tokens and append this EOS id.
+        text_tokenizer: the model's tokenization rule (`model.text_tokenizer()`: what the trainer passes), so
+            training tokenizes as `model.tokenize` does; when given, `tokenizer` and `append_eos_token_id` are
+            not used.
         keep_texts: also return `query_texts` and `passage_texts` (an online teacher scores the raw texts).
         packing_index: also return, under `"packing"` in `query` and `passages`, where each real token goes in
             the packed sequence (`ark_hf.models.packing.packing_index`), computed here on the host so that a
@@ -59,20 +47,11 @@ class RetrievalCollator:
     append_eos_token_id: int | None = None
     keep_texts: bool = False
     packing_index: bool = False
+    text_tokenizer: TextTokenizer | None = None
 
     def _tokenize(self, texts: list[str], max_length: int) -> BatchEncoding:
-        if self.append_eos_token_id is not None:
-            return tokenize_with_eos(
-                self.tokenizer, texts, max_length, self.append_eos_token_id, self.pad_to_multiple_of
-            )
-        return self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-            return_tensors="pt",
-        )
+        rule = self.text_tokenizer or TextTokenizer(self.tokenizer, self.append_eos_token_id)
+        return rule(texts, max_length, self.pad_to_multiple_of)
 
     @staticmethod
     def _positive_hashes(items: list[dict[str, Any]]) -> torch.Tensor:

@@ -26,6 +26,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import cached_file, logging
 
 from ark_hf.models.backbone import load_encoder_backbone
+from ark_hf.models.checks import (
+    ModelFileError,
+    check_checkpoint_matches,
+    check_tokenizer,
+    check_weight_files,
+    load_head_state,
+    read_json_file,
+)
 from ark_hf.models.outputs import (
     M3_HEADS,
     EmbeddingOutput,
@@ -40,14 +48,6 @@ from ark_hf.models.packing import (
     position_offset,
 )
 from ark_hf.models.st_layout import write_sentence_transformers_layout
-from ark_hf.utils.preflight import (
-    ModelFileError,
-    check_checkpoint_matches,
-    check_tokenizer,
-    check_weight_files,
-    load_head_state,
-    read_json_file,
-)
 
 logger = logging.get_logger(__name__)
 
@@ -306,8 +306,8 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
             parameter.requires_grad_(False)
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        """Tokenize texts as training does (special tokens added, truncated to `max_length`)."""
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        """Tokenize texts as training does (special tokens added, truncated to `max_length`): `text_tokenizer()`."""
+        return dict(self.text_tokenizer()(texts, max_length))
 
     def encode_features(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
         """Run the backbone on tokenized texts and apply the heads.

@@ -54,11 +54,11 @@ from ark_hf.constants import (
     QWEN_EOS_TOKEN,
     QWEN_QUERY_FORMAT,
 )
-from ark_hf.data.collator import tokenize_with_eos
+from ark_hf.models.checks import check_checkpoint_matches, check_tokenizer, check_weight_files
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule, truncate_embeddings
 from ark_hf.models.packing import PackedBatch, PaddingFreeMixin, packed_hidden_states
 from ark_hf.models.st_layout import write_sentence_transformers_layout
-from ark_hf.utils.preflight import check_checkpoint_matches, check_tokenizer, check_weight_files
+from ark_hf.models.tokenization import TextTokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -146,7 +146,7 @@ def _load_checked_tokenizer(
     name: str, tokenizer: str | os.PathLike | None, trust_remote_code: bool
 ) -> PreTrainedTokenizerBase:
     """The tokenizer (the model folder's unless named), refused before the weights load when it cannot be the
-    model's (see `ark_hf.utils.preflight.check_tokenizer`)."""
+    model's (see `ark_hf.models.checks.check_tokenizer`)."""
     from transformers import AutoConfig
 
     source = str(tokenizer) if tokenizer is not None else name
@@ -344,9 +344,11 @@ class DecoderEmbedder(PaddingFreeMixin, RetrieverModule):
         Appending after truncation is what keeps the EOS in long texts (the pooled position). Padding follows
         `tokenizer.padding_side`.
         """
-        if max_length < 2:
-            raise ValueError(f"max_length must leave room for one token and the EOS, got {max_length}")
-        return tokenize_with_eos(self.tokenizer, list(texts), max_length, self.eos_token_id, pad_to_multiple_of)
+        return self.text_tokenizer()(texts, max_length, pad_to_multiple_of)
+
+    def text_tokenizer(self, tokenizer: PreTrainedTokenizerBase | None = None) -> TextTokenizer:
+        """No special tokens, truncation to `max_length - 1`, then the EOS that last-token pooling reads."""
+        return TextTokenizer(tokenizer if tokenizer is not None else self.tokenizer, self.eos_token_id)
 
     def encode_features(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
         """Backbone + last-token pooling (+ normalisation) on tokenized texts.

@@ -9,7 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
+
+from ark_hf.models.tokenization import TextTokenizer
 
 __all__ = [
     "M3_HEADS",
@@ -93,6 +96,12 @@ class RetrieverModule(nn.Module):
 
     def encode_features(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
         raise NotImplementedError
+
+    def text_tokenizer(self, tokenizer: PreTrainedTokenizerBase | None = None) -> TextTokenizer:
+        """This model's tokenization rule, with its tokenizer (or `tokenizer`): `tokenize` uses it, and the trainer
+        gives it to the collator, so training and inference tokenize alike. This base: the tokenizer's own
+        special tokens, truncation to `max_length`."""
+        return TextTokenizer(tokenizer if tokenizer is not None else self.tokenizer)
 
     def set_training_outputs(self, fields: Sequence[str]) -> None:
         """The `EmbeddingOutput` fields the loss reads (`RetrievalLoss.heads`), told by the trainer: a model may

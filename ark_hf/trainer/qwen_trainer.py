@@ -14,7 +14,6 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ark_hf.constants import QWEN_QUERY_FORMAT
-from ark_hf.data.collator import RetrievalCollator
 from ark_hf.evaluation.base import Evaluator
 from ark_hf.losses.base import RetrievalLoss
 from ark_hf.losses.matryoshka import MatryoshkaLoss
@@ -109,13 +108,6 @@ class QwenTrainer(BaseRetrieverTrainer):
                 args.query_instruction_format,
             )
         return model
-
-    def build_collator(
-        self, tokenizer: Any, args: QwenTrainerConfig, model: nn.Module | None = None
-    ) -> RetrievalCollator:
-        collator = super().build_collator(tokenizer, args, model)
-        collator.append_eos_token_id = model.eos_token_id  # truncate, then append: the pooled EOS always survives
-        return collator
 
     def save_pretrained_kwargs(self) -> dict[str, Any]:
         return {
