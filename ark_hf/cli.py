@@ -135,9 +135,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     from ark_hf.evaluation.data import load_eval_set
     from ark_hf.evaluation.ir import METRICS, MODES, IREvaluator
+    from ark_hf.models.checks import ModelNotFoundError, check_model_exists
     from ark_hf.models.loading import load_embedder
     from ark_hf.utils.cli import did_you_mean
-    from ark_hf.utils.preflight import ModelNotFoundError, check_model_exists
 
     if rest:
         raise ValueError(f"unknown arguments: {' '.join(rest)}")

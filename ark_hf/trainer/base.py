@@ -284,6 +284,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
     ) -> RetrievalCollator:
         return RetrievalCollator(
             tokenizer=tokenizer,
+            # the model's tokenization rule (`model.tokenize` uses the same): decoders append their EOS
+            text_tokenizer=model.text_tokenizer(tokenizer) if hasattr(model, "text_tokenizer") else None,
             query_max_len=args.query_max_len,
             passage_max_len=args.passage_max_len,
             pad_to_multiple_of=args.pad_to_multiple_of,
