@@ -57,30 +57,40 @@ def build_trainer(arch: str, options: dict, models: dict, data: Path, output_dir
 
 def profile_row(name: str, arch: str, options: dict, models: dict, data: Path, work: Path, ns) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
     cuda = ns.device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     trainer = build_trainer(arch, options, models, data, str(work / name.replace(" ", "_")), ns.device,
                             ns.warmup + ns.steps)  # fmt: skip
-    prof = profile(activities=activities, schedule=schedule(wait=0, warmup=ns.warmup, active=ns.steps))
+    # started by hand after the warm-up steps and stopped after the last one: a schedule that is still cycling
+    # when the profiler exits replaces the collected window with an empty one
+    prof = profile(activities=activities)
     marks: list[float] = []
 
+    def mark() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+
     class Step(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == ns.warmup:
+                mark()
+                prof.start()
+
         def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(time.perf_counter())
-            prof.step()
+            if state.global_step > ns.warmup:
+                mark()
+            if state.global_step == ns.warmup + ns.steps:
+                prof.stop()
 
     trainer.add_callback(Step())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with prof:
-        marks.append(time.perf_counter())
-        trainer.train()
-    walls = [b - a for a, b in zip(marks[ns.warmup :], marks[ns.warmup + 1 :])]
+    trainer.train()
+    walls = [b - a for a, b in zip(marks, marks[1:])]
     events = prof.key_averages()
 
     def device_us(event) -> float:
