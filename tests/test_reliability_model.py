@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 import torch
 from transformers import AutoTokenizer, TrainerCallback
 
@@ -63,7 +64,8 @@ def no_weights_load(monkeypatch, module):
     def refuse(*args, **kwargs):
         raise AssertionError("model weights were loaded before the check")
 
-    monkeypatch.setattr(module.AutoModel, "from_pretrained", refuse)
+    # the one AutoModel class every loader uses (ark_hf.models.backbone loads BGE-M3's encoder through it)
+    monkeypatch.setattr(getattr(module, "AutoModel", transformers.AutoModel), "from_pretrained", refuse)
 
 
 # ------------------------------------------------------------------------------------ 1. tokenizers

@@ -578,10 +578,19 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_counts:
-            for name, total in self._component_sums.items():
-                mean = torch.as_tensor(total, dtype=torch.float32) / max(self._component_counts[name], 1)
-                value = mean.to(self.args.device)
-                logs[name] = round(float(self.accelerator.reduce(value, reduction="mean")), 6)
+            # one tensor, one collective and one device-to-host copy for all components (not one per component)
+            names = list(self._component_sums)
+            means = torch.stack(
+                [
+                    torch.as_tensor(self._component_sums[name], dtype=torch.float32, device=self.args.device).reshape(
+                        ()
+                    )
+                    / max(self._component_counts[name], 1)
+                    for name in names
+                ]
+            )
+            values = self.accelerator.reduce(means, reduction="mean").tolist()
+            logs.update({name: round(value, 6) for name, value in zip(names, values)})
             self._component_sums.clear()
             self._component_counts.clear()
         if self.curriculum is not None and "loss" in logs:
