@@ -373,6 +373,10 @@ def configure_console(verbose: bool = False, *, deepspeed_used: bool = False) ->
     global _quiet_filter
     from transformers.utils import logging as hf_logging
 
+    from ark_hf.utils.quiet import set_verbose
+
+    set_verbose(verbose)
+
     for name in _QUIET_LOGGERS:
         if _quiet_filter is not None:
             logging.getLogger(name).removeFilter(_quiet_filter)

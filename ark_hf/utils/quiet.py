@@ -28,17 +28,33 @@ class _DropMessage(logging.Filter):
         return self.text not in str(record.msg)
 
 
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """`True` shows both messages again (`--verbose`: everything third-party code prints); `False` hides them."""
+    global _verbose
+    _verbose = bool(verbose)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    for existing in [f for f in deepspeed_logger.filters if isinstance(f, _DropMessage)]:
+        deepspeed_logger.removeFilter(existing)
+    if not _verbose:
+        deepspeed_logger.addFilter(_DropMessage(DEEPSPEED_CPU_NOTICE))
+
+
 def silence_deepspeed_cpu_notice() -> None:
     """Drop DeepSpeed's CPU-fallback notice from its logger (idempotent); its other messages are unchanged."""
-    deepspeed_logger = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _DropMessage) for f in deepspeed_logger.filters):
-        deepspeed_logger.addFilter(_DropMessage(DEEPSPEED_CPU_NOTICE))
+    if not _verbose:
+        set_verbose(False)
 
 
 @contextlib.contextmanager
 def quiet_load_report() -> Iterator[None]:
     """Hide transformers' model load report inside the block (`from_pretrained(..., output_loading_info=True)`
     still returns what it found)."""
+    if _verbose:
+        yield
+        return
     # a filter, not a level: transformers runs extra checks (and warns) when this logger's level is WARNING or more
     report_logger = logging.getLogger("transformers.modeling_utils")
     drop = _DropMessage(LOAD_REPORT)
