@@ -21,6 +21,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
        "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_part_and_writes_one_md_one_json_one_log(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -104,6 +104,7 @@ def test_refresh_with_a_frozen_model_reproduces_offline_mining(tiny_xlmr_path, t
     assert logs[1]["hard_negatives/changed_share"] == 0  # same model, same negatives
 
 
+@pytest.mark.slow
 def test_trained_model_changes_negatives_never_a_positive_nor_a_teacher_filtered_text(
     tiny_xlmr_path, teacher_path, tmp_path
 ):
@@ -116,9 +117,7 @@ def test_trained_model_changes_negatives_never_a_positive_nor_a_teacher_filtered
         every_n_steps=3, at_start=True, corpus=corpus, num_negatives=3, range_max=24, teacher=teacher_path
     )
     config = make_config(tmp_path / "trained", max_steps=4, learning_rate=2e-3)
-    trainer = BGETrainer(
-        model=make_model(tiny_xlmr_path), config=config, train_dataset=records, callbacks=[refresh]
-    )
+    trainer = BGETrainer(model=make_model(tiny_xlmr_path), config=config, train_dataset=records, callbacks=[refresh])
     start_negatives: list[list[str]] = []
     original_refresh = refresh.refresh
 
@@ -199,6 +198,7 @@ def test_resume_after_a_kill_restores_the_negatives(tiny_xlmr_path, tmp_path):
     assert negatives_of(resumed) == expected
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_before_weights_load(tiny_xlmr_path, tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoTokenizer, XLMRobertaForSequenceClassification
 

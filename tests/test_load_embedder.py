@@ -31,6 +31,8 @@ RECORDS = [
 ]  # fmt: skip
 KINDS = ["bge_m3_heads", "bge_m3_dense", "decoder", "decoder_lora_merged", "decoder_lora_adapter"]
 
+pytestmark = pytest.mark.slow  # every saved kind trained, saved and reloaded; the full suite runs it
+
 
 def _perturb_lora(model: DecoderEmbedder) -> None:
     """peft starts lora_B at zero (the adapter changes nothing); give it weight so a lost adapter shows."""

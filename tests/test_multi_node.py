@@ -79,6 +79,7 @@ def train_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_machines_train_like_one_machine_with_two_processes(train_file, tiny_xlmr_path, tmp_path):
     from safetensors.torch import load_file
 
@@ -114,6 +115,7 @@ def test_two_machines_train_like_one_machine_with_two_processes(train_file, tiny
         assert (saved[key] - value).abs().max() <= 1e-6, key
 
 
+@pytest.mark.slow
 def test_a_missing_main_process_ip_is_refused_before_anything_starts(tmp_path):
     """Plain `accelerate launch` waits without end here (torch's rendezvous looks for host 'None')."""
     config = _config("multi_node_ddp", tmp_path, num_processes=2)

@@ -141,6 +141,7 @@ def test_trainer_tells_the_model_what_its_loss_reads(tiny_xlmr_path, tokenizer, 
     assert model.colbert_linear.weight.requires_grad == (not computes_heads)  # read by nothing: frozen
 
 
+@pytest.mark.slow
 def test_output_dir_is_checked_once_per_launch(tiny_xlmr_path, tmp_path, monkeypatch):
     """`preflight` checks the output directory before the weights load; `train()` then checks only the free space."""
     import json

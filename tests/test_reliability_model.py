@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import transformers
 import torch
+import transformers
 from transformers import AutoTokenizer, TrainerCallback
 
 from ark_hf import BGEM3Model, BGETrainer, BGETrainerConfig, DecoderEmbedder
