@@ -9,13 +9,13 @@ when they load a folder, and would otherwise report it missing and initialise it
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import torch
 from transformers import AutoModel, PreTrainedModel
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
 
+from ark_hf.models.checks import find_model_file
 from ark_hf.utils.quiet import quiet_load_report
 
 logger = logging.get_logger(__name__)
@@ -23,20 +23,11 @@ logger = logging.get_logger(__name__)
 POOLER_PREFIX = "pooler."
 
 
-def _weight_file(name: str, filename: str) -> str | None:
-    if os.path.isdir(name):
-        path = os.path.join(name, filename)
-        return path if os.path.isfile(path) else None
-    return cached_file(
-        name, filename, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
-    )
-
-
 def checkpoint_tensors(name: str, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors whose name starts with `prefix` in a model's safetensors weights (one file or shards)."""
     from safetensors import safe_open
 
-    index_file = _weight_file(name, "model.safetensors.index.json")
+    index_file = find_model_file(name, "model.safetensors.index.json")
     if index_file is not None:
         with open(index_file, encoding="utf-8") as handle:
             weight_map: dict[str, str] = json.load(handle).get("weight_map", {})
@@ -45,7 +36,7 @@ def checkpoint_tensors(name: str, prefix: str) -> dict[str, torch.Tensor]:
         shards = ["model.safetensors"]
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
-        path = _weight_file(name, shard)
+        path = find_model_file(name, shard)
         if path is None:
             continue
         with safe_open(path, framework="pt") as handle:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
 
 from ark_hf.models.backbone import load_encoder_backbone
 from ark_hf.models.checks import (
@@ -31,6 +31,7 @@ from ark_hf.models.checks import (
     check_checkpoint_matches,
     check_tokenizer,
     check_weight_files,
+    find_model_file,
     load_head_state,
     read_json_file,
 )
@@ -59,20 +60,6 @@ POOLINGS = ("cls", "mean", "last_token")
 
 class MissingHeadsError(FileNotFoundError):
     """A folder or Hub model lacks the sparse/ColBERT head files that the caller asked for."""
-
-
-def _find_file(path: str, filename: str, **hub_kwargs: Any) -> str | None:
-    """Local file or Hub file of `path`, or None when absent (never a silent download failure)."""
-    if os.path.isdir(path):
-        candidate = os.path.join(path, filename)
-        return candidate if os.path.isfile(candidate) else None
-    return cached_file(
-        path,
-        filename,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
-    )
 
 
 def _load_checked_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -190,8 +177,8 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         self.colbert_linear: nn.Linear | None = None
         self.sparse_linear: nn.Linear | None = None
         self.heads_trained = False
-        colbert_file = _find_file(self.name_or_path, COLBERT_FILE) if name is not None else None
-        sparse_file = _find_file(self.name_or_path, SPARSE_FILE) if name is not None else None
+        colbert_file = find_model_file(self.name_or_path, COLBERT_FILE) if name is not None else None
+        sparse_file = find_model_file(self.name_or_path, SPARSE_FILE) if name is not None else None
         if colbert_file and sparse_file:
             colbert_state = load_head_state(colbert_file, hidden_size=hidden)
             sparse_state = load_head_state(sparse_file, hidden_size=hidden, out_features=1)
@@ -234,7 +221,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
 
     @staticmethod
     def _saved_info(path: str) -> dict[str, Any]:
-        info_file = _find_file(path, HEADS_INFO_FILE)
+        info_file = find_model_file(path, HEADS_INFO_FILE)
         if info_file is None:
             return {}
         expected = 'an object such as {"has_heads": true, "heads_trained": true, "pooling": "cls"}'

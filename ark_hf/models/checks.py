@@ -17,6 +17,7 @@ from typing import Any
 from ark_hf.utils.cli import ConfigError
 
 __all__ = [
+    "find_model_file",
     "ModelFileError",
     "ModelNotFoundError",
     "TokenizerError",
@@ -29,6 +30,24 @@ __all__ = [
     "load_head_state",
     "read_json_file",
 ]
+
+
+def find_model_file(path: str, filename: str, **hub_kwargs: Any) -> str | None:
+    """`filename` of a model folder or Hub repo (cache or download), or None when it has none; a missing file or
+    an unreachable Hub is None, never an error (the callers say what is missing)."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, filename)
+        return candidate if os.path.isfile(candidate) else None
+    from transformers.utils import cached_file
+
+    return cached_file(
+        path,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+
 
 TOKENIZER_FILES = (
     "tokenizer.json",

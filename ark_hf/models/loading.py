@@ -43,13 +43,14 @@ def detect_embedder_kind(name_or_path: str | os.PathLike, trust_remote_code: boo
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    from ark_hf.models.bge_m3 import COLBERT_FILE, HEADS_INFO_FILE, SPARSE_FILE, _find_file
+    from ark_hf.models.bge_m3 import COLBERT_FILE, HEADS_INFO_FILE, SPARSE_FILE
+    from ark_hf.models.checks import find_model_file
 
     path = str(name_or_path)
-    if _find_file(path, ADAPTER_CONFIG_NAME) is not None:
+    if find_model_file(path, ADAPTER_CONFIG_NAME) is not None:
         return "decoder"
-    if _find_file(path, HEADS_INFO_FILE) is not None or (
-        _find_file(path, COLBERT_FILE) is not None and _find_file(path, SPARSE_FILE) is not None
+    if find_model_file(path, HEADS_INFO_FILE) is not None or (
+        find_model_file(path, COLBERT_FILE) is not None and find_model_file(path, SPARSE_FILE) is not None
     ):
         return "bge_m3"
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from transformers import AutoConfig
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
+
+from ark_hf.models.checks import find_model_file
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["TeacherScorer", "detect_teacher_kind"]
-
-
-def _find_file(path: str, filename: str) -> str | None:
-    if os.path.isdir(path):
-        candidate = os.path.join(path, filename)
-        return candidate if os.path.isfile(candidate) else None
-    return cached_file(
-        path, filename, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
-    )
 
 
 def detect_teacher_kind(model_name_or_path: str, trust_remote_code: bool = False) -> str:
@@ -29,7 +21,7 @@ def detect_teacher_kind(model_name_or_path: str, trust_remote_code: bool = False
     sentence-transformers >= 5 saves cross-encoders with `modules.json` too, so that file alone does not make a
     bi-encoder: its `config_sentence_transformers.json` says `"model_type": "CrossEncoder"`.
     """
-    st_config_file = _find_file(model_name_or_path, "config_sentence_transformers.json")
+    st_config_file = find_model_file(model_name_or_path, "config_sentence_transformers.json")
     if st_config_file is not None:
         with open(st_config_file, encoding="utf-8") as handle:
             model_type = json.load(handle).get("model_type")
@@ -37,7 +29,7 @@ def detect_teacher_kind(model_name_or_path: str, trust_remote_code: bool = False
             return "cross-encoder"
         if model_type is not None:
             return "bi-encoder"
-    if _find_file(model_name_or_path, "modules.json") is not None:
+    if find_model_file(model_name_or_path, "modules.json") is not None:
         return "bi-encoder"
     architectures = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).architectures
     return "cross-encoder" if any("SequenceClassification" in a for a in architectures or []) else "bi-encoder"
