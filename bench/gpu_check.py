@@ -16,6 +16,9 @@ its process group is stopped, and the next part runs):
                difference between the two runs' losses.
 4. throughput  the core rows of `bench/throughput.py` (`--core`: each architecture's raw limit, FlagEmbedding's
                unified runner and the trainers' default configs at 8 x 8).
+5. refresh     (asked for by `--parts ... refresh`; not in the default run, which fills a 9-minute command)
+               `bench/refresh_cost.py`: hard-negative refreshes re-encoding a 100,000-passage corpus with a
+               BGE-M3-shaped replica inside a BGETrainer run: seconds per refresh, passages/s, share of training.
 
 Writes `gpu_check_<card>.md`, `gpu_check_<card>.json` and `gpu_check_<card>.log` (the parts' output) into `--out`
 (card: h100, h200, ... from `torch.cuda.get_device_name()`; `cpu` in the dry mode), with the versions, the card,
@@ -48,9 +51,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("tests", "engines", "qwen_padded", "throughput")
+PARTS = ("tests", "engines", "qwen_padded", "throughput", "refresh")
+# the default run: every part but `refresh` (with it the run no longer fits one 9-minute GPU command)
+DEFAULT_PARTS = ("tests", "engines", "qwen_padded", "throughput")
 # seconds per part on the GPU; None: what is left of the budget (the throughput part, last, measures until then)
-CAPS = {"tests": 70, "engines": 170, "qwen_padded": 110, "throughput": None}
+CAPS = {"tests": 75, "engines": 200, "qwen_padded": 120, "throughput": None, "refresh": 150}
 PACKAGES = ["torch", "transformers", "accelerate", "deepspeed", "peft", "sentence-transformers", "FlagEmbedding",
             "liger-kernel", "triton", "datasets", "pytest"]  # fmt: skip
 LOG_LIMIT = 2_000_000  # bytes of the log file that come back: its head and tail are kept
@@ -393,6 +398,28 @@ def part_throughput(ns, work: Path, cap: float, log, env) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------------ part 5: refresh
+def part_refresh(ns, work: Path, cap: float, log, env) -> dict:
+    """`bench/refresh_cost.py`: one hard-negative refresh over a 100,000-passage corpus, inside a BGETrainer run."""
+    out = work / "refresh" / "refresh_cost"
+    command = [sys.executable, str(ROOT / "bench" / "refresh_cost.py"), "--out", str(out),
+               "--work", str(work / "refresh" / "work")]  # fmt: skip
+    if ns.device == "cpu":
+        command += ["--device", "cpu"]
+    if ns.tiny:
+        command += ["--tiny"]
+    result = run_commands("refresh", [command], cap, log, env)
+    path = out.with_suffix(".json")
+    if not path.exists():
+        result["error"] = "no result file: the run did not finish"
+        return result
+    result["report"] = json.loads(path.read_text())
+    result["table"] = out.with_suffix(".md").read_text().split("\n", 2)[2].strip()  # without its title
+    if not result["report"]["refreshes"]:
+        result["error"] = "no refresh ran"
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ report
 def markdown(report: dict) -> str:
     lines = [f"# GPU check: {report['device_name']}", "", f"Command: `{report['command']}`"]
@@ -445,6 +472,9 @@ def markdown(report: dict) -> str:
     throughput = report["parts"].get("throughput", {})
     if throughput.get("table"):
         lines += ["", "## Throughput core rows (`bench/throughput.py --core`)", "", throughput["table"]]
+    refresh = report["parts"].get("refresh", {})
+    if refresh.get("table"):
+        lines += ["", "## Hard-negative refresh cost (`bench/refresh_cost.py`)", "", refresh["table"]]
     return "\n".join(lines) + "\n"
 
 
@@ -467,23 +497,24 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models and few steps in every part (a dry run)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the md, json and log")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new one under the temp dir)")
-    parser.add_argument("--budget", type=float, default=500.0, help="seconds for the whole run (default 500)")
-    parser.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS), help="parts to run, in order")
-    parser.add_argument("--engines-parallel", type=int, default=5, help="engine cells at once (default 5)")
+    parser.add_argument("--budget", type=float, default=555.0, help="seconds for the whole run (default 555)")
+    parser.add_argument("--parts", nargs="*", choices=PARTS, default=None,
+                        help="parts to run, in order (default: all but refresh; the dry mode: all)")
+    parser.add_argument("--engines-parallel", type=int, default=8, help="engine cells at once (default 8)")
     parser.add_argument("--engines-steps", type=int, default=None, help="steps per cell (default 20; tiny 2)")
-    parser.add_argument("--engines-cell-timeout", type=int, default=150)
+    parser.add_argument("--engines-cell-timeout", type=int, default=170)
     parser.add_argument("--engines-cells", nargs="*", help="configs or config:recipe cells (default: every cell)")
     parser.add_argument("--qwen-steps", type=int, default=None, help="steps per padded run (default 200; tiny 3)")
     parser.add_argument(
-        "--qwen-layers", type=int, default=8,
-        help="layers of the Qwen3-0.6B-shaped replica (default 8 of its 28, full width: 2 x 200 steps fit the cap)",
+        "--qwen-layers", type=int, default=4,
+        help="layers of the Qwen3-0.6B-shaped replica (default 4 of its 28, full width: 2 x 200 steps fit the cap)",
     )  # fmt: skip
     parser.add_argument("--qwen-batch", type=int, default=None, help="queries per step (default 8; tiny 2)")
     parser.add_argument("--qwen-group", type=int, default=None, help="passages per query (default 8; tiny 2)")
     parser.add_argument("--qwen-max-len", type=int, default=None, help="passage max tokens (default 512; tiny 64)")
     parser.add_argument("--repeats", type=int, default=1, help="throughput runs per row (default 1)")
     parser.add_argument("--throughput-steps", type=int, default=None, help="steps per row (default 20; tiny 1)")
-    parser.add_argument("--throughput-row-cap", type=float, default=75.0, help="seconds per throughput row")
+    parser.add_argument("--throughput-row-cap", type=float, default=45.0, help="seconds per throughput row")
     parser.add_argument("--throughput-rows", nargs="*", help="core rows whose name contains one of these")
     for name, cap in CAPS.items():
         default = f"{cap} s" if cap else "what is left of the budget"
@@ -496,6 +527,7 @@ def main() -> None:
         return qwen_child(json.loads(Path(ns.spec).read_text()), ns.qwen_child)
 
     tiny = ns.tiny
+    ns.parts = ns.parts or list(PARTS if tiny else DEFAULT_PARTS)
     ns.engines_steps = ns.engines_steps or (2 if tiny else 20)
     ns.qwen_steps = ns.qwen_steps or (3 if tiny else 200)
     ns.qwen_batch = ns.qwen_batch or (2 if tiny else 8)
@@ -523,7 +555,8 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": ns.budget, "parts": {},
     }  # fmt: skip
     log_path = out / f"gpu_check_{report['card']}.log"
-    runners = {"tests": part_tests, "engines": part_engines, "qwen_padded": part_qwen, "throughput": part_throughput}
+    runners = {"tests": part_tests, "engines": part_engines, "qwen_padded": part_qwen, "throughput": part_throughput,
+               "refresh": part_refresh}  # fmt: skip
     env = child_env()
     with open(log_path, "w", encoding="utf-8") as log:
         for name in ns.parts:

@@ -58,6 +58,11 @@ def test_dry_run_runs_every_part_and_writes_one_md_one_json_one_log(tmp_path):
     assert [r["row"] for r in rows] == ["ark_hf QwenTrainer default config"]
     assert rows[0]["real_tokens_per_s"] > 0 and rows[0]["spread"]["runs"] == 1
 
+    refresh = parts["refresh"]["report"]  # bench/refresh_cost.py: every refresh timed inside a training run
+    assert refresh["corpus_passages"] == 300 and refresh["refreshes"] == 2
+    assert all(s > 0 for s in refresh["refresh_seconds"]) and 0 < refresh["refresh_share_of_train"] < 1
+    assert [m["hard_negatives/full_group_share"] for m in refresh["refresh_metrics"]] == [1.0, 1.0]
+
     text = (out / "gpu_check_cpu.md").read_text()
     for heading in ("## CUDA tests", "## Engines", "## Padded Qwen3 default", "## Throughput core rows"):
         assert heading in text

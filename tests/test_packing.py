@@ -80,7 +80,8 @@ def _encode(model, features, padding_free):
 def _loss_and_grads(model, loss_fn, queries, passages, padding_free):
     model.zero_grad()
     with _switch(model, padding_free):
-        loss = loss_fn(model.encode_features(queries), model.encode_features(passages))
+        out = model(query=queries, passages=passages)  # padding-free: one backbone call for both
+        loss = loss_fn(out.query, out.passages)
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -167,6 +168,32 @@ def test_m3_packed_gradients_with_activation_checkpointing(m3):
     grads = (padded, packed)
     for name in grads[0]:
         _assert_close(grads[0][name], grads[1][name], name)
+
+
+@pytest.mark.parametrize("name", ["m3", "qwen"])
+def test_queries_and_passages_share_one_packed_backbone_call(request, name):
+    """A padding-free training forward runs the backbone once for queries and passages together; every output
+    equals the padded forward's and the separate packed calls' (the loss and gradient tests above compare the
+    joint call's gradients with the padded path's)."""
+    model = request.getfixturevalue(name).eval()
+    queries, passages = _tokenize(model, QUERIES, "left"), _tokenize(model, PASSAGES, "right")
+    calls = []
+    hook = model.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        padded = model(query=queries, passages=passages)
+        padded_calls = len(calls)
+        with _switch(model, True):
+            joint = model(query=queries, passages=passages)
+            joint_calls = len(calls) - padded_calls
+            separate = (model.encode_features(queries), model.encode_features(passages))
+    finally:
+        hook.remove()
+    assert (padded_calls, joint_calls) == (2, 1)
+    fields = ("dense", "sparse_weights", "colbert", "colbert_mask") if name == "m3" else ("dense",)
+    for side, ref, alone in (("query", padded.query, separate[0]), ("passages", padded.passages, separate[1])):
+        for field in fields:
+            _assert_close(getattr(joint, side)[field], ref[field], f"{side} {field} vs padded")
+            _assert_close(getattr(joint, side)[field], alone[field], f"{side} {field} vs its own packed call")
 
 
 # --------------------------------------------------------------------------------------------- Qwen3

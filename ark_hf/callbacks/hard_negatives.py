@@ -381,7 +381,6 @@ class HardNegativeRefresh(TrainerCallback, ExportableState):
     def refresh(self, model: Any, step: int) -> dict[str, float]:
         """Re-mine every record's negatives with `model` now, hand them to the dataset and log the refresh."""
         trainer = self.trainer
-        args = trainer.args
         module = trainer.accelerator.unwrap_model(model if model is not None else trainer.model)
         start = time.perf_counter()
         embedded: dict[str, torch.Tensor] = {}
@@ -398,20 +397,9 @@ class HardNegativeRefresh(TrainerCallback, ExportableState):
             pool = self.num_negatives * self.teacher_pool
             if options["range_max"] is not None:
                 pool = min(pool, options["range_max"] - options["range_min"])
-        result = mine_hard_negatives(
-            records,
-            module,
-            corpus=self.extra_corpus,
-            num_negatives=pool,
-            query_instruction_format=args.query_instruction_format,
-            query_max_len=args.query_max_len,
-            passage_max_len=args.passage_max_len,
-            batch_size=self.batch_size,
-            seed=self._mining_seed(step),
-            show_progress_bar=False,
-            distribute=distribute,
-            **options,
-        )
+        # the training run's mixed precision (bf16 autocast on a GPU): the re-encoding costs what a forward costs
+        with trainer.accelerator.autocast():
+            result = self._mine(records, module, pool, options, step, distribute)
         candidates = [[self._corpus_index[content_key(text)] for text in out["neg"]] for out in result.records]
         filtered = 0
         if self.teacher is not None:
@@ -437,6 +425,23 @@ class HardNegativeRefresh(TrainerCallback, ExportableState):
         logger.info("HardNegativeRefresh at step %d: %s", step, metrics)
         trainer.log(metrics)  # every process logs, so the history stays the same; report_to writes on the main one
         return metrics
+
+    def _mine(self, records: list[dict[str, Any]], module: Any, pool: int, options: dict, step: int, distribute: Any):
+        args = self.trainer.args
+        return mine_hard_negatives(
+            records,
+            module,
+            corpus=self.extra_corpus,
+            num_negatives=pool,
+            query_instruction_format=args.query_instruction_format,
+            query_max_len=args.query_max_len,
+            passage_max_len=args.passage_max_len,
+            batch_size=self.batch_size,
+            seed=self._mining_seed(step),
+            show_progress_bar=False,
+            distribute=distribute,
+            **options,
+        )
 
     def _teacher_filter(
         self, records: list[dict[str, Any]], candidates: list[list[int]]

@@ -45,8 +45,6 @@ from ark_hf.models.outputs import (
 from ark_hf.models.packing import (
     PackedBatch,
     PaddingFreeMixin,
-    packed_hidden_states,
-    position_offset,
 )
 from ark_hf.models.st_layout import write_sentence_transformers_layout
 
@@ -304,7 +302,7 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
         per-token head outputs are scattered back into the padded `[N, L]` / `[N, L - 1, d]` layout.
         """
         if self.padding_free:
-            return self._encode_packed(features)
+            return self.encode_packed([features])[0]
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in features:
@@ -334,11 +332,9 @@ class BGEM3Model(PaddingFreeMixin, RetrieverModule):
             colbert_mask=colbert_mask,
         )
 
-    def _encode_packed(self, features: dict[str, torch.Tensor]) -> EmbeddingOutput:
-        """`encode_features` with the backbone on the packed real tokens (`[T, d]` hidden states)."""
+    def packed_outputs(self, features: dict[str, Any], packed: PackedBatch, hidden: torch.Tensor) -> EmbeddingOutput:
+        """`encode_features`' heads on the packed real tokens' hidden states (`[T, d]`)."""
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
-        packed = PackedBatch.from_features(features, offset=position_offset(self.model))
-        hidden = packed_hidden_states(self.model, packed)
         dense = packed.pool(hidden, self.pooling)
         if self.normalize:
             dense = F.normalize(dense, dim=-1)

@@ -56,7 +56,7 @@ from ark_hf.constants import (
 )
 from ark_hf.models.checks import check_checkpoint_matches, check_tokenizer, check_weight_files
 from ark_hf.models.outputs import EmbeddingOutput, RetrieverModule, truncate_embeddings
-from ark_hf.models.packing import PackedBatch, PaddingFreeMixin, packed_hidden_states
+from ark_hf.models.packing import PackedBatch, PaddingFreeMixin
 from ark_hf.models.st_layout import write_sentence_transformers_layout
 from ark_hf.models.tokenization import TextTokenizer
 
@@ -356,16 +356,22 @@ class DecoderEmbedder(PaddingFreeMixin, RetrieverModule):
         The pooled vectors are upcast to float32 before normalising: with bf16 weights the contrastive
         scores (dot products divided by a small temperature) would otherwise keep only ~3 significant digits.
         """
-        attention_mask = features["attention_mask"]
         if self.padding_free:
-            packed = PackedBatch.from_features(features)
-            dense = packed.pool(packed_hidden_states(self.model, packed, use_cache=False), "last_token").float()
-        else:
-            input_ids, attention_mask = move_padding_right(features["input_ids"], attention_mask)
-            hidden = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True
-            ).last_hidden_state
-            dense = last_token_pool(hidden, attention_mask).float()
+            return self.encode_packed([features])[0]
+        input_ids, attention_mask = move_padding_right(features["input_ids"], features["attention_mask"])
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True
+        ).last_hidden_state
+        return self._pooled(last_token_pool(hidden, attention_mask))
+
+    packed_call_kwargs = {"use_cache": False}
+
+    def packed_outputs(self, features: dict[str, Any], packed: PackedBatch, hidden: torch.Tensor) -> EmbeddingOutput:
+        """Last-token pooling on one batch's packed hidden states (`[T, d]`)."""
+        return self._pooled(packed.pool(hidden, "last_token"))
+
+    def _pooled(self, pooled: torch.Tensor) -> EmbeddingOutput:
+        dense = pooled.float()
         if self.normalize:
             dense = F.normalize(dense, p=2, dim=-1)
         return EmbeddingOutput(dense=dense)

@@ -178,6 +178,9 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         if self.eval_dataset == "evaluator":
             self.eval_dataset = None
         self._component_sums: dict[str, torch.Tensor | float] = defaultdict(float)
+        # a training step's NaN guard, read after its backward (see `finish_loss`)
+        self._defer_finite_check = False
+        self._pending_finite_check: tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]] | None = None
         self._component_counts: dict[str, int] = defaultdict(int)
         self.curriculum_stream: CurriculumStream | None = None
         if self.curriculum is not None:
@@ -502,8 +505,16 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def finish_loss(self, output: LossOutput, inputs: dict[str, Any], training: bool = True) -> torch.Tensor:
-        """NaN guard and component bookkeeping shared by every way of computing a loss (plain, cached)."""
-        self.check_finite(output.loss, output.components, inputs)
+        """NaN guard and component bookkeeping shared by every way of computing a loss (plain, cached).
+
+        In a training step with `nan_policy='stop'` the guard is read after the backward, where the Trainer reads
+        the step's loss anyway: a read between forward and backward would stall the device's queue once more per
+        step. The optimizer has not stepped by then, so a non-finite loss still stops before touching a weight.
+        """
+        if training and self._defer_finite_check:
+            self._pending_finite_check = (output.loss, output.components, inputs)
+        else:
+            self.check_finite(output.loss, output.components, inputs)
         if training:
             self.record_components(output.components)
         return output.loss
@@ -570,7 +581,15 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         try:
             if self.grad_cache is not None:
                 return self.cached_training_step(model, inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
+            self._pending_finite_check, self._defer_finite_check = None, self.args.nan_policy == "stop"
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._defer_finite_check = False
+            pending, self._pending_finite_check = self._pending_finite_check, None
+            if pending is not None:
+                self.check_finite(*pending)
+            return loss
         except _SkipBatch:
             self._component_sums["skipped_batches"] += 1.0
             self._component_counts["skipped_batches"] = 1  # logged as a count per logging window
