@@ -498,8 +498,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the md, json and log")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new one under the temp dir)")
     parser.add_argument("--budget", type=float, default=555.0, help="seconds for the whole run (default 555)")
-    parser.add_argument("--parts", nargs="*", choices=PARTS, default=None,
-                        help="parts to run, in order (default: all but refresh; the dry mode: all)")
+    parser.add_argument(
+        "--parts",
+        nargs="*",
+        choices=PARTS,
+        default=None,
+        help="parts to run, in order (default: all but refresh; the dry mode: all)",
+    )
     parser.add_argument("--engines-parallel", type=int, default=8, help="engine cells at once (default 8)")
     parser.add_argument("--engines-steps", type=int, default=None, help="steps per cell (default 20; tiny 2)")
     parser.add_argument("--engines-cell-timeout", type=int, default=170)

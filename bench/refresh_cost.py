@@ -69,7 +69,7 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    from bench.throughput import G, PLEN, QLEN, make_data, make_replicas
+    from bench.throughput import PLEN, QLEN, G, make_data, make_replicas
 
     work = Path(ns.work or tempfile.mkdtemp(prefix="refresh_cost_"))
     work.mkdir(parents=True, exist_ok=True)
