@@ -102,6 +102,8 @@ def test_refresh_with_a_frozen_model_reproduces_offline_mining(tiny_xlmr_path, t
         assert 0 < entry["hard_negatives/full_group_share"] <= 1
         assert entry["hard_negatives/margin"] > 0  # the margin keeps negatives below the positive
     assert logs[1]["hard_negatives/changed_share"] == 0  # same model, same negatives
+    # a refresh's own log line does not swallow its step's loss line
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2]
 
 
 @pytest.mark.slow
@@ -145,6 +147,32 @@ def test_trained_model_changes_negatives_never_a_positive_nor_a_teacher_filtered
         if negatives:
             scores = teacher.score([record["query"]], list(record["pos"]) + negatives)[0].tolist()
             assert max(scores[len(record["pos"]) :]) < min(scores[: len(record["pos"])])
+
+
+@pytest.mark.slow
+def test_qwen3_recipe_with_gradcache_and_padding_free(tiny_qwen3_path, tmp_path):
+    """The decoder recipe (`create_qwen_trainer`, instructions on the queries) with GradCache mini-batches and the
+    packed backbone (the CPU reference kernel): refreshes run, hand full groups to the sampler, never a positive,
+    and the training stays finite."""
+    from ark_hf import create_qwen_trainer
+
+    records, corpus = faq_data()
+    refresh = HardNegativeRefresh(every_n_steps=1, at_start=True, corpus=corpus, **MINING)
+    trainer = create_qwen_trainer(
+        train_dataset=records, output_dir=str(tmp_path / "qwen"), callbacks=[refresh], model_name_or_path=tiny_qwen3_path,
+        use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, per_device_train_batch_size=4,
+        train_group_size=4, query_max_len=16, passage_max_len=32, max_steps=3, logging_steps=1, learning_rate=2e-3,
+        seed=5, mini_batch_size=4, padding_free="true", gradient_checkpointing=False, torch_dtype="float32",
+    )  # fmt: skip
+    assert trainer.model.padding_free and trainer.grad_cache is not None
+    trainer.train()
+    logs = refresh_logs(trainer)
+    assert [h["step"] for h in logs] == [0, 1, 2]
+    assert all(h["hard_negatives/full_group_share"] > 0 for h in logs)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    for record, negatives in zip(records, negatives_of(trainer)):
+        assert content_key(record["pos"][0]) not in {content_key(n) for n in negatives}
 
 
 class _Kill(Exception):

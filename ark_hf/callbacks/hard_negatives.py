@@ -423,7 +423,11 @@ class HardNegativeRefresh(TrainerCallback, ExportableState):
             "hard_negatives/changed_share": sum(a != b for a, b in zip(negatives, previous)) / len(negatives),
         }
         logger.info("HardNegativeRefresh at step %d: %s", step, metrics)
-        trainer.log(metrics)  # every process logs, so the history stays the same; report_to writes on the main one
+        # every process logs, so the history stays the same; report_to writes on the main one. Logging clears the
+        # step's `should_log`, which the Trainer reads after this callback: kept, or the step's loss would go unlogged
+        should_log = trainer.control.should_log
+        trainer.log(metrics)
+        trainer.control.should_log = should_log
         return metrics
 
     def _mine(self, records: list[dict[str, Any]], module: Any, pool: int, options: dict, step: int, distribute: Any):
