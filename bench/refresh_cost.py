@@ -76,7 +76,7 @@ def main() -> None:
     started = time.perf_counter()
     make_data(work / "train.jsonl", records)
     corpus_size = make_corpus(work / "train.jsonl", work / "corpus.jsonl", passages)
-    model_path = make_replicas(work / "models", tiny)["bge"]
+    model_path = make_replicas(work / "models", tiny, archs=("bge",))["bge"]
     prep_s = time.perf_counter() - started
 
     from ark_hf.trainer.bge_config import BGETrainerConfig
@@ -84,10 +84,10 @@ def main() -> None:
 
     cuda = ns.device == "cuda"
     config = BGETrainerConfig(
-        output_dir=str(work / "out"), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-5,
+        output_dir=str(work / "out"), max_steps=steps, per_device_train_batch_size=2 if tiny else 8, learning_rate=1e-5,
         warmup_steps=0, bf16=cuda, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=42, model_name_or_path=model_path, train_data=[str(work / "train.jsonl")],
-        train_group_size=G, query_max_len=QLEN, passage_max_len=PLEN, unified_finetuning=True, use_self_distill=True,
+        train_group_size=G, query_max_len=QLEN, passage_max_len=64 if tiny else PLEN, unified_finetuning=True, use_self_distill=True,
         refresh_negatives="steps", refresh_negatives_steps=every, refresh_negatives_corpus=[str(work / "corpus.jsonl")],
         refresh_negatives_batch_size=ns.batch_size,
         # no margin filter: on random weights every score is close to the positive's and the 5% margin would drop

@@ -137,17 +137,20 @@ def make_data(path: Path, n: int, seed: int = 0) -> dict:
     return {"records": n, "faq_rows": len(faq), "words_in_stream": len(stream)}
 
 
-def make_replicas(folder: Path, tiny: bool) -> dict[str, str]:
+def make_replicas(folder: Path, tiny: bool, archs: tuple[str, ...] = ("bge", "qwen")) -> dict[str, str]:
     import torch
     from transformers import Qwen3Config, Qwen3Model, XLMRobertaConfig, XLMRobertaModel
 
     from ark_hf import assets
 
     paths = {"bge": folder / "bge_m3_replica", "qwen": folder / "qwen3_replica"}
+    paths = {arch: path for arch, path in paths.items() if arch in archs}
     if tiny:
-        assets.build_tiny_xlmr(paths["bge"])
-        assets.build_tiny_qwen3(paths["qwen"])
-    else:
+        if "bge" in paths:
+            assets.build_tiny_xlmr(paths["bge"])
+        if "qwen" in paths:
+            assets.build_tiny_qwen3(paths["qwen"])
+    elif "bge" in paths:
         torch.manual_seed(0)
         tok = assets.build_xlmr_tokenizer()
         cfg = XLMRobertaConfig(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -155,6 +158,7 @@ def make_replicas(folder: Path, tiny: bool) -> dict[str, str]:
                                layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)  # fmt: skip
         XLMRobertaModel(cfg, add_pooling_layer=False).save_pretrained(paths["bge"])
         tok.save_pretrained(paths["bge"])
+    if "qwen" in paths and not tiny:
         qtok = assets.build_qwen3_tokenizer()
         qcfg = Qwen3Config(vocab_size=151669, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                            num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
@@ -162,6 +166,8 @@ def make_replicas(folder: Path, tiny: bool) -> dict[str, str]:
                            eos_token_id=qtok.eos_token_id, pad_token_id=qtok.pad_token_id)  # fmt: skip
         Qwen3Model(qcfg).save_pretrained(paths["qwen"])
         qtok.save_pretrained(paths["qwen"])
+    if "bge" not in paths:
+        return {k: str(v) for k, v in paths.items()}
     # M3 heads saved with the replica: FlagEmbedding and ark_hf load the same ones
     hidden = XLMRobertaConfig.from_pretrained(paths["bge"]).hidden_size
     torch.manual_seed(1)
@@ -523,7 +529,13 @@ def parent(ns) -> None:
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="throughput_"))
     spec = {"device": device, "tiny": ns.tiny, "steps": ns.steps, "warmup": ns.warmup, "workdir": str(workdir)}
-    spec["models"] = make_replicas(workdir, ns.tiny)
+    rows = CORE_ROWS if ns.core else list(ROWS)
+    rows = [r for r in rows if not ns.only or any(o in r for o in ns.only)]
+    if ns.tiny:
+        rows = [r for r in rows if ROWS[r][1] != "fe" or device == "cuda"]
+        rows = [r for r in rows if not (device == "cpu" and ROWS[r][2].get("compile_backbone"))]  # minutes on CPU
+    # only the architectures the rows train (a full-size replica takes a while to build and save)
+    spec["models"] = make_replicas(workdir, ns.tiny, archs=tuple(sorted({ROWS[r][0] for r in rows})))
     data = workdir / "train.jsonl"
     info = make_data(data, n=max(64, (ns.steps + 2) * RECIPE_QUERIES))
     spec["data"] = str(data)
@@ -539,11 +551,6 @@ def parent(ns) -> None:
         torch.cuda.empty_cache()
     spec["tokens_per_step"] = report["tokens_per_step"] = tokens_per_step(data, spec["models"])
     spec_path.write_text(json.dumps(spec))
-    rows = CORE_ROWS if ns.core else list(ROWS)
-    rows = [r for r in rows if not ns.only or any(o in r for o in ns.only)]
-    if ns.tiny:
-        rows = [r for r in rows if ROWS[r][1] != "fe" or device == "cuda"]
-        rows = [r for r in rows if not (device == "cpu" and ROWS[r][2].get("compile_backbone"))]  # minutes on CPU
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(workdir / "hf_datasets"))  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
