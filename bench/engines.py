@@ -6,8 +6,13 @@ in its own process. The worker:
 - trains ~50 steps with `mini_batch_size`;
 - records the loss at steps 1/10/50, tokens/s (non-padding tokens of queries and passages) and peak GPU memory;
 - embeds a fixed set of texts in memory;
-- saves the final model; then, in a fresh process of the same cell (its own process group, under the cell's
-  timeout), the folder is reloaded and the reloaded embeddings are compared with the in-memory ones (1e-3, bf16).
+- saves the final model, and the per-tensor sums of the trained weights gathered from the engine's shards; then, in
+  a fresh process of the same cell (its own process group, under the cell's timeout), the folder is reloaded: the
+  reloaded embeddings are compared with the in-memory ones, and the saved weights with the trained ones (a LoRA
+  run: its adapter file). A cell passes when the weights came back bit for bit (relative difference of the sums
+  <= 1e-6), or, where none could be compared, when the embeddings agree to 1e-3. An engine that runs its forward
+  in bf16 over float32 weights (FSDP's mixed-precision policy) differs from the float32 reload by bf16 rounding
+  (about 1e-3) with every weight intact: the weights column tells the two apart.
 
 A cell that fails records its error (the last lines of stderr), and the next cell still runs. Cells run
 `--parallel` at a time, and a new one starts as soon as any running cell ends.
@@ -135,6 +140,10 @@ def worker(spec: dict) -> None:
     with torch.no_grad():
         in_memory = plain(passages=features).passages.dense.float().cpu()
     trainer.save_model(config.output_dir)
+    # the trained weights themselves, gathered from the engine's shards (a collective: every rank calls it), as
+    # per-tensor sums: the reload compares them with the saved folder's, which tells a precision loss in the
+    # weights from one in the comparison of embeddings (an engine may run the forward in bf16)
+    state = trainer.accelerator.get_state_dict(trainer.model)
     result = {
         "losses": {str(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
         "tokens_per_s": tokens["n"] / tokens["seconds"],
@@ -143,7 +152,38 @@ def worker(spec: dict) -> None:
     }
     if trainer.is_world_process_zero():
         torch.save(in_memory, spec["result"] + ".in_memory.pt")
+        torch.save(weight_sums(state), spec["result"] + ".weights.pt")
         Path(spec["result"]).write_text(json.dumps(result))
+
+
+def weight_sums(state: dict) -> dict:
+    """Per tensor: dtype, and the float64 sum and sum of squares of its values."""
+    return {
+        name: (str(t.dtype), float(t.double().sum()), float(t.double().pow(2).sum()))
+        for name, t in state.items()
+        if hasattr(t, "dtype") and t.is_floating_point()
+    }
+
+
+def lora_key(name: str) -> str | None:
+    """`...base_model.model.<module>.lora_A.weight`, the adapter file's name of a LoRA weight (None: not one)."""
+    start = name.find("base_model.model.")
+    return name[start:].replace(".default.", ".") if "lora_" in name and start >= 0 else None
+
+
+def compare_weights(saved: dict, in_memory: dict) -> dict:
+    """The saved weights against the trained ones: the names both hold (for a LoRA run the adapter's weights, its
+    folder's model being the merged one), their dtypes, and the largest relative difference of the per-tensor sums
+    and sums of squares (0 when every weight came back bit for bit)."""
+    common = sorted(set(saved) & set(in_memory))
+    if not common:
+        return {"weights_compared": 0, "weights_max_rel_diff": None, "weights_dtypes": None}
+    worst = 0.0
+    for name in common:
+        for a, b in zip(saved[name][1:], in_memory[name][1:]):
+            worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
+    dtypes = sorted({f"{in_memory[n][0]}->{saved[n][0]}" for n in common})
+    return {"weights_compared": len(common), "weights_max_rel_diff": worst, "weights_dtypes": dtypes}
 
 
 def reload_check(spec: dict) -> dict:
@@ -166,10 +206,23 @@ def reload_check(spec: dict) -> dict:
     diff = float((again - in_memory).abs().max())
     cosine = float(torch.nn.functional.cosine_similarity(again, in_memory, dim=-1).min())
     weights = {p.dtype for p in model.parameters()}
+    trained = torch.load(spec["result"] + ".weights.pt")
+    weight_check = compare_weights(weight_sums(model.state_dict()), trained)
+    adapter = Path(folder) / "lora_adapter" / "adapter_model.safetensors"
+    if not weight_check["weights_compared"] and adapter.exists():
+        from safetensors.torch import load_file
+
+        lora = {lora_key(n): v for n, v in trained.items() if lora_key(n)}
+        weight_check = compare_weights(weight_sums(load_file(adapter)), lora)
+    exact = weight_check["weights_compared"] and weight_check["weights_max_rel_diff"] <= 1e-6
     return {
-        "reload_max_abs_diff": diff, "reload_min_cosine": cosine, "reload_ok": diff <= 1e-3,
+        "reload_max_abs_diff": diff, "reload_min_cosine": cosine,
+        # the weights came back bit for bit (an embedding difference is then the forward's precision), or, where
+        # no weights could be compared, the embeddings agree to 1e-3
+        "reload_ok": bool(exact) or diff <= 1e-3,
         "saved_dtype": sorted(str(w) for w in weights),
         "heads_trained": getattr(model, "heads_trained", None),
+        **weight_check,
     }  # fmt: skip
 
 
@@ -181,20 +234,23 @@ def render(paths: list[str]) -> str:
         runs.append(f"- `{report['command']}` ({Path(path).name}: {report.get('total_seconds')} s)")
         cells.update({(c["config"], c["recipe"]): c for c in report["cells"]})
     lines = ["Runs:", *runs, "", "| config | recipe | engine | loss @1 / @10 / @last | tokens/s | peak GiB | saved "
-             "| reload max abs diff / min cos | heads trained | result |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| reload max abs diff / min cos | weights back: tensors, max rel diff | heads trained | result |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (config, recipe), c in sorted(cells.items(), key=lambda kv: (CONFIGS.index(kv[0][0]), kv[0][1])):
         if "error" in c:
             named = [ln.strip() for ln in c["error"].splitlines() if "Error" in ln and "ChildFailed" not in ln]
             error = (named[-1] if named else " ".join(c["error"].split())[-300:]).replace("|", "/")
-            lines.append(f"| {config} | {recipe} | | | | | | | | failed: {error} |")
+            lines.append(f"| {config} | {recipe} | | | | | | | | | failed: {error} |")
             continue
         loss = " / ".join(f"{v:.3f}" if v is not None else "-" for v in c["loss"].values())
         ok = "trained, saved, reloaded" + ("" if c["reload_ok"] else " (diff above 1e-3)")
+        compared = c.get("weights_compared")
+        weights = f"{compared}, {c['weights_max_rel_diff']:.1e}" if compared else "-"
         lines.append(
             f"| {config} | {recipe} | {c['engine']} | {loss} | {c['tokens_per_s']:,.0f} "
             f"| {'-' if c['peak_memory_gib'] is None else format(c['peak_memory_gib'], '.1f')} "
             f"| {','.join(d.removeprefix('torch.') for d in c['saved_dtype'])} "
-            f"| {c['reload_max_abs_diff']:.1e} / {c['reload_min_cosine']:.6f} | {c['heads_trained']} | {ok} |"
+            f"| {c['reload_max_abs_diff']:.1e} / {c['reload_min_cosine']:.6f} | {weights} | {c['heads_trained']} | {ok} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -90,6 +90,10 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """The checked-out commit; `ARK_HF_COMMIT` when set (a machine given a copy of the working tree may hold a
+    stale `.git`)."""
+    if os.environ.get("ARK_HF_COMMIT"):
+        return os.environ["ARK_HF_COMMIT"]
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
