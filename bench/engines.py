@@ -143,7 +143,7 @@ def worker(spec: dict) -> None:
     # the trained weights themselves, gathered from the engine's shards (a collective: every rank calls it), as
     # per-tensor sums: the reload compares them with the saved folder's, which tells a precision loss in the
     # weights from one in the comparison of embeddings (an engine may run the forward in bf16)
-    state = trainer.accelerator.get_state_dict(trainer.model)
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # the engine's wrapper (ZeRO-3 gathers there)
     result = {
         "losses": {str(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
         "tokens_per_s": tokens["n"] / tokens["seconds"],

@@ -207,6 +207,10 @@ class HardNegativeRefresh(TrainerCallback, ExportableState):
                 "measured once, on the negatives before the first refresh"
             )
         if self.every_n_steps is not None and getattr(args, "dataloader_num_workers", 0) > 0:
+            if getattr(args, "_num_workers_auto", False):  # auto chose the workers: the refresh needs none
+                logger.info("dataloader_num_workers=auto: 0 (a step-based hard-negative refresh changes the records)")
+                args.dataloader_num_workers = 0
+                return self.check_before_training(records, args, trust_remote_code=trust_remote_code)
             raise ValueError(
                 "refresh_negatives=steps needs dataloader_num_workers=0: worker processes hold a copy of the "
                 "records until the epoch ends (refresh_negatives=epoch works with workers)"

@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["RetrieverConfig"]
 
@@ -43,6 +46,9 @@ class RetrieverConfig(TrainingArguments):
             bf16/fp16, padded on CPU), `true`, `false`.
         liger_kernel (`bool`): liger-kernel's fused kernels in the backbone (falls back with a warning).
         compile_backbone (`bool`): `torch.compile` of the backbone (falls back with a warning).
+        dataloader_num_workers (`int`, defaults to `-1`): Processes that read and tokenize the next batches while
+            the GPU trains; `-1` (auto): 2 when training on CUDA, 0 on CPU or with a step-based hard-negative
+            refresh.
 
         > Evaluation
 
@@ -127,6 +133,14 @@ class RetrieverConfig(TrainingArguments):
             "help": "GradCache: encode the batch this many texts at a time (queries and passages alike) and cache the "
             "loss's gradients w.r.t. every head's outputs; the contrastive batch (and its negatives) stays "
             "per_device_train_batch_size x train_group_size, memory that of one mini-batch. Unset: no cache."
+        },
+    )
+    dataloader_num_workers: int = field(
+        default=-1,
+        metadata={
+            "help": "Processes that read and tokenize the next batches while the GPU trains (0: in the main process, "
+            "between steps). -1 (default, auto): 2 when training on CUDA; 0 on CPU (starting workers costs more than "
+            "tokenizing there) and with refresh_negatives=steps (a refresh must reach the records the loader reads)."
         },
     )
     padding_free: str = field(
@@ -258,7 +272,27 @@ class RetrieverConfig(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (a ratio if < 1)."})
 
+    def _resolve_num_workers(self) -> int:
+        """`dataloader_num_workers`, with `-1` (auto) resolved for where this run trains."""
+        workers = self.dataloader_num_workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
+            raise ValueError(f"dataloader_num_workers must be -1 (auto) or >= 0, got {workers!r}")
+        self._num_workers_auto = workers == -1  # a step-based refresh passed as a callback turns auto workers off
+        if workers != -1:
+            return workers
+        import torch
+
+        if self.use_cpu or not torch.cuda.is_available():
+            reason, workers = "not training on CUDA", 0
+        elif getattr(self, "refresh_negatives", "no") == "steps":
+            reason, workers = "refresh_negatives=steps changes the records between steps", 0
+        else:
+            reason, workers = "training on CUDA: batches are tokenized while the GPU trains", 2
+        logger.info("dataloader_num_workers=auto: %d (%s)", workers, reason)
+        return workers
+
     def __post_init__(self) -> None:
+        self.dataloader_num_workers = self._resolve_num_workers()
         super().__post_init__()
         from ark_hf.models.packing import normalize_padding_free
 
