@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny model, 300 passages, 3 steps (a dry run)")
     parser.add_argument("--passages", type=int, default=None, help="corpus size (default 100,000; tiny 300)")
     parser.add_argument("--records", type=int, default=None, help="training records (default 704; tiny 24)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 5; tiny 3)")
-    parser.add_argument("--every", type=int, default=None, help="refresh every this many steps (default 2; tiny 1)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3; tiny 3)")
+    parser.add_argument("--every", type=int, default=None, help="refresh every this many steps (default 2: one refresh; tiny 1)")
     parser.add_argument("--batch-size", type=int, default=256, help="texts per forward pass when re-encoding")
     parser.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     parser.add_argument("--work", default=None)
@@ -64,7 +64,7 @@ def main() -> None:
     tiny = ns.tiny
     passages = ns.passages or (300 if tiny else 100_000)
     records = ns.records or (24 if tiny else 704)
-    steps, every = ns.steps or (3 if tiny else 5), ns.every or (1 if tiny else 2)
+    steps, every = ns.steps or 3, ns.every or (1 if tiny else 2)
 
     import torch
     from transformers import TrainerCallback
