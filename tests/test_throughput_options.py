@@ -15,6 +15,7 @@ from ark_hf.data.samplers import LengthGroupedBatchSampler
 from ark_hf.data.token_budget import TokenBudgetBatchSampler
 from ark_hf.models import kernels
 from ark_hf.models.bge_m3 import BGEM3Model
+from ark_hf.models.decoder import DecoderEmbedder
 from ark_hf.trainer.bge_config import BGETrainerConfig
 from ark_hf.trainer.bge_trainer import BGETrainer
 from ark_hf.trainer.qwen_config import QwenTrainerConfig
@@ -239,6 +240,28 @@ def test_compile_switch_warns_once_and_falls_back_without_a_compiler(
     warnings = [r.getMessage() for r in caplog.records if r.name == "ark_hf.models.kernels"]
     assert len(warnings) == 1 and "compile_backbone=True" in warnings[0] and "eagerly" in warnings[0]
     assert model.model._compiled_call_impl is None
+
+
+def test_liger_with_compile_compiles_the_plain_modules(tiny_qwen3_path, caplog, monkeypatch):
+    """Both switches on: liger's Triton autograd functions cannot be traced by dynamo, so the backbone is compiled
+    without them (one warning naming both switches); where nothing can compile, liger's own rule decides."""
+    kernels._warned.clear()
+    model = DecoderEmbedder(tiny_qwen3_path)
+    monkeypatch.setattr(kernels, "inductor_available", lambda device: True)
+    monkeypatch.setattr(kernels, "apply_liger_kernel", lambda *a, **k: pytest.fail("liger applied under compile"))
+    with caplog.at_level(logging.WARNING, logger="ark_hf.models.kernels"):
+        applied = kernels.apply_kernel_switches(model, liger_kernel=True, compile_backbone=True)
+    assert applied == {"liger_kernel": False, "compile_backbone": True}
+    assert model.backbone._compiled_call_impl is not None
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "ark_hf.models.kernels"]
+    assert "liger_kernel=True with compile_backbone=True" in message
+
+    monkeypatch.setattr(kernels, "inductor_available", lambda device: False)
+    monkeypatch.setattr(kernels, "apply_liger_kernel", lambda *a, **k: True)
+    other = DecoderEmbedder(tiny_qwen3_path)
+    assert kernels.apply_kernel_switches(other, liger_kernel=True, compile_backbone=True) == {
+        "liger_kernel": True, "compile_backbone": False
+    }  # fmt: skip
 
 
 def test_compiled_backbone_keeps_names_and_outputs(tiny_xlmr_path, xlmr_tokenizer):

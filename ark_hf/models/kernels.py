@@ -122,6 +122,10 @@ def inductor_available(device: str) -> bool:
     return shutil.which(compiler) is not None
 
 
+def _compile_device(model: nn.Module) -> str:
+    return "cuda" if torch.cuda.is_available() else _device(_backbone(model)).type
+
+
 def apply_torch_compile(
     model: nn.Module, *, switch: str = "compile_backbone", device: str | None = None, **compile_kwargs
 ) -> bool:
@@ -134,7 +138,7 @@ def apply_torch_compile(
         True when compiled; False after a warning (naming `switch`) when the backend's compiler is missing.
     """
     backbone = _backbone(model)
-    kind = device or ("cuda" if torch.cuda.is_available() else _device(backbone).type)
+    kind = device or _compile_device(model)
     backend = compile_kwargs.get("backend", "inductor")
     if backend == "inductor" and not inductor_available(kind):
         needs = "Triton" if kind == "cuda" else "a C++ compiler"
@@ -208,6 +212,16 @@ def apply_kernel_switches(
     applied = {}
     if padding_free is not None and hasattr(model, "padding_free"):
         applied["padding_free"] = apply_padding_free(model, padding_free, args)
+    if liger_kernel and compile_backbone and inductor_available(_compile_device(model)):
+        # dynamo cannot trace liger's Triton autograd functions (training crashed in LigerRMSNormFunction under
+        # torch.compile on an H100); inductor generates fused kernels for the same norm, SwiGLU and RoPE ops
+        _warn_once(
+            "liger_kernel:compile_backbone",
+            "liger_kernel=True with compile_backbone=True: torch.compile cannot trace liger-kernel's Triton autograd "
+            "functions; the backbone is compiled with its plain modules (inductor fuses the same RMSNorm, SwiGLU and "
+            "RoPE ops). Set one of the two to choose",
+        )
+        applied["liger_kernel"], liger_kernel = False, False
     if liger_kernel:
         applied["liger_kernel"] = apply_liger_kernel(model)
     if compile_backbone:
