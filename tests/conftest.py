@@ -47,6 +47,17 @@ def pytest_runtest_call(item):
     return (yield)
 
 
+# the files whose tests launch trainings in subprocesses (a minute or two each): collected first, so that with
+# `pytest -n 2` the two workers end on short tests instead of one of them finishing a long launch alone
+LONG_FIRST = ("test_engines.py", "test_gpu_check.py", "test_multi_node.py", "test_recipe_e2e.py",
+              "test_hard_negative_refresh.py", "test_reliability.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def tiny_xlmr_path(tmp_path_factory):
     """Random XLM-R (hidden 32, 2 layers) with the real 250,002-id XLM-R tokenizer."""
