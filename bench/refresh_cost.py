@@ -56,7 +56,9 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=None, help="corpus size (default 100,000; tiny 300)")
     parser.add_argument("--records", type=int, default=None, help="training records (default 704; tiny 24)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3; tiny 3)")
-    parser.add_argument("--every", type=int, default=None, help="refresh every this many steps (default 2: one refresh; tiny 1)")
+    parser.add_argument(
+        "--every", type=int, default=None, help="refresh every this many steps (default 2: one refresh; tiny 1)"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="texts per forward pass when re-encoding")
     parser.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     parser.add_argument("--work", default=None)
