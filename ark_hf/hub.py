@@ -49,6 +49,7 @@ _NOT_HYPERPARAMETERS = {
     "output_dir", "logging_dir", "run_name", "hub_token", "hub_model_id", "push_to_hub", "overwrite_output_dir",
     "train_data", "eval_data", "model_name_or_path", "resume_from_checkpoint", "report_to", "disable_tqdm",
     "use_cpu", "deepspeed", "local_rank", "trackio_space_id", "project", "hub_private_repo", "logging_steps",
+    "dataloader_num_workers",  # where batches are tokenized, not what trains (resolved per machine from auto)
 }  # fmt: skip
 _OBJECTIVE_KEYS = (
     "unified_finetuning", "heads", "use_self_distill", "self_distill_start_step", "loss_preset", "temperature",

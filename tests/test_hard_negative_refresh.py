@@ -58,6 +58,21 @@ def negatives_of(trainer) -> list[list[str]]:
     return [list(record["neg"]) for record in trainer.train_dataset.records]
 
 
+def negatives_after_first_refresh(refresh: HardNegativeRefresh, trainer) -> list[list[str]]:
+    """A list that the refresh at step 0 fills with the negatives it hands to the dataset."""
+    captured: list[list[str]] = []
+    original = refresh.refresh
+
+    def capture(model, step):
+        metrics = original(model, step)
+        if step == 0:
+            captured.extend(negatives_of(trainer))
+        return metrics
+
+    refresh.refresh = capture
+    return captured
+
+
 def refresh_logs(trainer) -> list[dict]:
     return [h for h in trainer.state.log_history if "hard_negatives/seconds" in h]
 
@@ -120,16 +135,7 @@ def test_trained_model_changes_negatives_never_a_positive_nor_a_teacher_filtered
     )
     config = make_config(tmp_path / "trained", max_steps=4, learning_rate=2e-3)
     trainer = BGETrainer(model=make_model(tiny_xlmr_path), config=config, train_dataset=records, callbacks=[refresh])
-    start_negatives: list[list[str]] = []
-    original_refresh = refresh.refresh
-
-    def capture(model, step):
-        metrics = original_refresh(model, step)
-        if step == 0:
-            start_negatives.extend(negatives_of(trainer))
-        return metrics
-
-    refresh.refresh = capture
+    start_negatives = negatives_after_first_refresh(refresh, trainer)
     trainer.train()
     final = negatives_of(trainer)
     logs = refresh_logs(trainer)
@@ -273,16 +279,7 @@ def _ddp_run(out: Path, model_path: str, batch: int) -> dict:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     trainer = BGETrainer(model=model, config=config, train_dataset=records, callbacks=[refresh])
-    at_start: list[list[str]] = []
-    original = refresh.refresh
-
-    def capture(model, step):
-        metrics = original(model, step)
-        if step == 0:
-            at_start.extend(negatives_of(trainer))
-        return metrics
-
-    refresh.refresh = capture
+    at_start = negatives_after_first_refresh(refresh, trainer)
     trainer.train()
     logs = [{k: v for k, v in h.items() if k != "hard_negatives/seconds"} for h in refresh_logs(trainer)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -315,6 +312,9 @@ def test_ddp_processes_hold_the_same_negatives_and_losses(tiny_xlmr_path, tmp_pa
 def _ddp_worker(out: str, model_path: str) -> None:
     payload = _ddp_run(Path(out), model_path, batch=2)
     (Path(out) / f"negatives_rank{payload['rank']}.json").write_text(json.dumps(payload))
+    # both ranks leave the process group together: a rank that exits while the other still tears down gloo aborts
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
