@@ -6,7 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from ark_hf.recipes import demo, qwen3_demo
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the demo scripts (17 s): the full suite runs them
 
 
 def test_bge_m3_demo_trains_both_runs_and_writes_its_metrics(tiny_xlmr_path, tmp_path):

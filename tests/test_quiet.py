@@ -62,6 +62,7 @@ def test_load_problems_other_than_the_pooler_are_still_reported(minilm_path, tmp
     assert "LOAD REPORT" not in capfd.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter importing DeepSpeed (4 s)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed prints its CPU notice only without a GPU")
 def test_deepspeed_cpu_notice_is_silenced_by_importing_ark_hf():
     pytest.importorskip("deepspeed")
