@@ -30,12 +30,15 @@ def test_auto_on_cuda_uses_two_workers_but_none_with_a_step_refresh(tmp_path, mo
     config = _config(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config.use_cpu, config.dataloader_num_workers = False, -1
-    assert config._resolve_num_workers() == 2
-    config.refresh_negatives, config.dataloader_num_workers = "steps", -1
-    assert config._resolve_num_workers() == 0
+    config.dataloader_num_workers = config._resolve_num_workers()  # what __post_init__ does
+    assert config.dataloader_num_workers == 2 and config._num_workers_auto
 
-    # a step-based refresh given as a callback: auto workers are turned off, explicit ones refused
+    # a step-based refresh (from the config, as the trainer builds it before training; or given as a callback):
+    # auto workers are turned off, explicit ones refused
     records = [{"query": r["q"], "pos": [r["a"]]} for r in load_faq("en")[:4]]
+    config.refresh_negatives, config.refresh_negatives_steps = "steps", 2
+    HardNegativeRefresh.from_config(config).check_before_training(records, config, trust_remote_code=False)
+    assert config.dataloader_num_workers == 0
     refresh = HardNegativeRefresh(every_n_steps=2)
     config.dataloader_num_workers, config._num_workers_auto = 2, True
     refresh.check_before_training(records, config, trust_remote_code=False)

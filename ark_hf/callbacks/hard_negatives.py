@@ -207,14 +207,15 @@ class HardNegativeRefresh(TrainerCallback, ExportableState):
                 "measured once, on the negatives before the first refresh"
             )
         if self.every_n_steps is not None and getattr(args, "dataloader_num_workers", 0) > 0:
-            if getattr(args, "_num_workers_auto", False):  # auto chose the workers: the refresh needs none
-                logger.info("dataloader_num_workers=auto: 0 (a step-based hard-negative refresh changes the records)")
-                args.dataloader_num_workers = 0
-                return self.check_before_training(records, args, trust_remote_code=trust_remote_code)
-            raise ValueError(
-                "refresh_negatives=steps needs dataloader_num_workers=0: worker processes hold a copy of the "
-                "records until the epoch ends (refresh_negatives=epoch works with workers)"
-            )
+            if not getattr(args, "_num_workers_auto", False):
+                raise ValueError(
+                    "refresh_negatives=steps needs dataloader_num_workers=0: worker processes hold a copy of the "
+                    "records until the epoch ends (refresh_negatives=epoch works with workers)"
+                )
+            # the one place that decides it: auto workers (2 on CUDA) go, a refresh between steps must reach the
+            # records the loader reads
+            logger.info("dataloader_num_workers=auto: 0 (a step-based hard-negative refresh changes the records)")
+            args.dataloader_num_workers = 0
         if self.extra_corpus and self.require_positives_in_corpus:
             known = {content_key(text) for text in self.extra_corpus}
             missing = [(r, p) for r in records for p in r["pos"] if content_key(p) not in known]
@@ -403,7 +404,20 @@ class HardNegativeRefresh(TrainerCallback, ExportableState):
                 pool = min(pool, options["range_max"] - options["range_min"])
         # the training run's mixed precision (bf16 autocast on a GPU): the re-encoding costs what a forward costs
         with trainer.accelerator.autocast():
-            result = self._mine(records, module, pool, options, step, distribute)
+            result = mine_hard_negatives(
+                records,
+                module,
+                corpus=self.extra_corpus,
+                num_negatives=pool,
+                query_instruction_format=trainer.args.query_instruction_format,
+                query_max_len=trainer.args.query_max_len,
+                passage_max_len=trainer.args.passage_max_len,
+                batch_size=self.batch_size,
+                seed=self._mining_seed(step),
+                show_progress_bar=False,
+                distribute=distribute,
+                **options,
+            )
         candidates = [[self._corpus_index[content_key(text)] for text in out["neg"]] for out in result.records]
         filtered = 0
         if self.teacher is not None:
@@ -433,23 +447,6 @@ class HardNegativeRefresh(TrainerCallback, ExportableState):
         trainer.log(metrics)
         trainer.control.should_log = should_log
         return metrics
-
-    def _mine(self, records: list[dict[str, Any]], module: Any, pool: int, options: dict, step: int, distribute: Any):
-        args = self.trainer.args
-        return mine_hard_negatives(
-            records,
-            module,
-            corpus=self.extra_corpus,
-            num_negatives=pool,
-            query_instruction_format=args.query_instruction_format,
-            query_max_len=args.query_max_len,
-            passage_max_len=args.passage_max_len,
-            batch_size=self.batch_size,
-            seed=self._mining_seed(step),
-            show_progress_bar=False,
-            distribute=distribute,
-            **options,
-        )
 
     def _teacher_filter(
         self, records: list[dict[str, Any]], candidates: list[list[int]]

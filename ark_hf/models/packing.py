@@ -524,28 +524,19 @@ def joint_backbone_kwargs(packs: Sequence[PackedBatch]) -> dict[str, Any]:
     the joint sequence gives each batch the hidden states its own call would: the queries and passages of a step
     share one call (half the Python dispatch of two calls, and one kernel launch per op instead of two).
     """
-    if len(packs) == 1:
-        return packs[0].backbone_kwargs()
+    parts = [pack.backbone_kwargs() for pack in packs]
+    if len(parts) == 1:
+        return parts[0]
+    if any(part.keys() != parts[0].keys() for part in parts):
+        raise ValueError("token_type_ids in some of the packed batches only")
     cu_seqlens, start = [packs[0].cu_seqlens], packs[0].cu_seqlens[-1:]
-    for pack in packs[1:]:
+    for pack in packs[1:]:  # each batch's boundaries shifted by the tokens before it (device ops, no sync)
         cu_seqlens.append(pack.cu_seqlens[1:] + start)
         start = cu_seqlens[-1][-1:]
-    joint = torch.cat(cu_seqlens)
-    max_length = max(pack.max_length for pack in packs)
-    kwargs: dict[str, Any] = {
-        "input_ids": torch.cat([pack.input_ids for pack in packs], dim=1),
-        "position_ids": torch.cat([pack.position_ids for pack in packs], dim=1),
-        "cu_seq_lens_q": joint,
-        "cu_seq_lens_k": joint,
-        "max_length_q": max_length,
-        "max_length_k": max_length,
-    }
-    types = [pack.token_type_ids for pack in packs]
-    if any(t is not None for t in types):
-        if not all(t is not None for t in types):
-            raise ValueError("token_type_ids in some of the packed batches only")
-        kwargs["token_type_ids"] = torch.cat(types, dim=1)
-    return kwargs
+    joint = {key: torch.cat([part[key] for part in parts], dim=1) for key in parts[0] if key.endswith("_ids")}
+    joint["cu_seq_lens_q"] = joint["cu_seq_lens_k"] = torch.cat(cu_seqlens)
+    joint["max_length_q"] = joint["max_length_k"] = max(pack.max_length for pack in packs)
+    return joint
 
 
 def packed_hidden_states(

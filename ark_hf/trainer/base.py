@@ -178,9 +178,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         if self.eval_dataset == "evaluator":
             self.eval_dataset = None
         self._component_sums: dict[str, torch.Tensor | float] = defaultdict(float)
-        # a training step's NaN guard, read after its backward (see `finish_loss`)
-        self._defer_finite_check = False
-        self._pending_finite_check: tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]] | None = None
+        # inside a training step: its NaN guards, read after its backward (see `finish_loss`); None: read at once
+        self._deferred_finite_checks: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]] | None = None
         self._component_counts: dict[str, int] = defaultdict(int)
         self.curriculum_stream: CurriculumStream | None = None
         if self.curriculum is not None:
@@ -511,8 +510,8 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         the step's loss anyway: a read between forward and backward would stall the device's queue once more per
         step. The optimizer has not stepped by then, so a non-finite loss still stops before touching a weight.
         """
-        if training and self._defer_finite_check:
-            self._pending_finite_check = (output.loss, output.components, inputs)
+        if training and self._deferred_finite_checks is not None:
+            self._deferred_finite_checks.append((output.loss, output.components, inputs))
         else:
             self.check_finite(output.loss, output.components, inputs)
         if training:
@@ -581,14 +580,13 @@ class BaseRetrieverTrainer(AtomicSaveMixin, Trainer):
         try:
             if self.grad_cache is not None:
                 return self.cached_training_step(model, inputs)
-            self._pending_finite_check, self._defer_finite_check = None, self.args.nan_policy == "stop"
+            self._deferred_finite_checks = [] if self.args.nan_policy == "stop" else None
             try:
                 loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
-                self._defer_finite_check = False
-            pending, self._pending_finite_check = self._pending_finite_check, None
-            if pending is not None:
-                self.check_finite(*pending)
+                deferred, self._deferred_finite_checks = self._deferred_finite_checks, None
+            for check in deferred or ():
+                self.check_finite(*check)
             return loss
         except _SkipBatch:
             self._component_sums["skipped_batches"] += 1.0

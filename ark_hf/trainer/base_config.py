@@ -277,15 +277,14 @@ class RetrieverConfig(TrainingArguments):
         workers = self.dataloader_num_workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
             raise ValueError(f"dataloader_num_workers must be -1 (auto) or >= 0, got {workers!r}")
-        self._num_workers_auto = workers == -1  # a step-based refresh passed as a callback turns auto workers off
+        self._num_workers_auto = workers == -1
         if workers != -1:
             return workers
         import torch
 
+        # a step-based hard-negative refresh turns auto workers off again (`HardNegativeRefresh.check_before_training`)
         if self.use_cpu or not torch.cuda.is_available():
             reason, workers = "not training on CUDA", 0
-        elif getattr(self, "refresh_negatives", "no") == "steps":
-            reason, workers = "refresh_negatives=steps changes the records between steps", 0
         else:
             reason, workers = "training on CUDA: batches are tokenized while the GPU trains", 2
         logger.info("dataloader_num_workers=auto: %d (%s)", workers, reason)
